@@ -1,0 +1,372 @@
+"""Stage [ingest]: validate raw interactions and videos, compute watch ratios, split by time.
+
+Sources are CSV or Parquet files whose columns are mapped to ours by a preset or an explicit
+mapping (``IngestConfig.columns``, our name -> source name):
+
+=========  =============  ============  ================  =============  ==============
+preset     user_id        video_id      play_time         duration       timestamp
+=========  =============  ============  ================  =============  ==============
+frame      user_id        video_id      play_time_s       duration_s     timestamp
+authors    user_id        photo_id      playing_time      duration_ms    (row order)
+kuairec    user_id        video_id      play_duration     video_duration timestamp
+=========  =============  ============  ================  =============  ==============
+
+Times of the ``authors`` and ``kuairec`` presets are in milliseconds, ``frame`` in seconds
+(``IngestConfig.duration_unit`` overrides). A source without a timestamp column uses its row order.
+
+**Row numbers** in messages and in the errors table are 1-based record numbers: record 1 is the
+first data row (line 2 of a CSV file with a header).
+
+**Bad rows** (missing ids, NaN / non-numeric / negative play time, NaN / zero / negative
+duration, unparseable timestamp, a video id absent from the videos table) are never dropped
+silently: with ``bad_rows="fail"`` the stage raises :class:`IngestError` listing them and writes
+nothing; with ``bad_rows="quarantine"`` they go to the ``ingest_errors`` table (one row per bad
+row and reason) and the good rows are ingested.
+
+**Watch ratio** r = play_time / duration, capped at ``max_watch_ratio`` (1 by default: replays
+do not make a video "more than fully" watched). ``full_watch`` is r >= 1 - full_watch_tolerance.
+
+**Split**: per user, interactions are ordered by (timestamp, record number); the last
+``round(n * test_fraction)`` of them (at least 1, at most n - 1) are the test set. Users with fewer
+than ``min_user_interactions`` interactions keep all of them in train, so every test user has
+history in train and no test interaction precedes a train interaction of the same user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from feature_store.store import Store
+from frame_dist.config import Config, IngestConfig
+from frame_dist.schemas import ERRORS, INTERACTIONS, VIDEOS, conform
+
+# our column -> source column, and the unit of the time columns
+PRESETS: dict[str, tuple[dict[str, str], str]] = {
+    "frame": (dict(user_id="user_id", video_id="video_id", play_time="play_time_s",
+                   duration="duration_s", timestamp="timestamp"), "s"),
+    "authors": (dict(user_id="user_id", video_id="photo_id", play_time="playing_time",
+                     duration="duration_ms"), "ms"),
+    "kuairec": (dict(user_id="user_id", video_id="video_id", play_time="play_duration",
+                     duration="video_duration", timestamp="timestamp"), "ms"),
+    "custom": ({}, "s"),
+}
+REQUIRED = ("user_id", "video_id", "play_time", "duration")
+MAX_LISTED = 20  # bad rows spelled out in an IngestError message
+
+
+class IngestError(ValueError):
+    """Input files are unreadable, lack columns, or (policy "fail") contain bad rows."""
+
+
+@dataclass
+class IngestSummary:
+    rows: int
+    ingested: int
+    quarantined: int
+    users: int
+    videos: int
+    train: int
+    test: int
+    full_watch_rate: float
+
+    def __str__(self) -> str:
+        return (f"ingest: {self.rows} rows -> {self.ingested} interactions "
+                f"({self.train} train / {self.test} test, {self.users} users, "
+                f"{self.videos} videos, full-watch rate {self.full_watch_rate:.3f}); "
+                f"{self.quarantined} rows quarantined")
+
+
+def read_source(path: str | Path) -> pa.Table:
+    """Read a CSV or Parquet file (by extension) as an Arrow table, ids kept as strings."""
+    path = Path(path)
+    if not path.exists():
+        raise IngestError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(path)
+        if suffix in (".csv", ".tsv"):
+            # Read every column as text: validation below reports unparseable values by row.
+            header = path.open().readline().rstrip("\r\n")
+            delim = "\t" if suffix == ".tsv" else ","
+            names = header.split(delim)
+            return pacsv.read_csv(
+                path,
+                parse_options=pacsv.ParseOptions(delimiter=delim),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={n: pa.string() for n in names}, strings_can_be_null=True),
+            )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise IngestError(f"{path}: cannot read: {exc}") from exc
+    raise IngestError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .parquet)")
+
+
+def column_mapping(cfg: IngestConfig) -> tuple[dict[str, str], str]:
+    mapping, unit = PRESETS[cfg.preset]
+    mapping = {**mapping, **cfg.columns}
+    unknown = sorted(set(cfg.columns) - set(REQUIRED) - {"timestamp"})
+    if unknown:
+        raise IngestError(f"ingest.columns: unknown target column(s) {unknown}; "
+                          f"map to {list(REQUIRED) + ['timestamp']}")
+    return mapping, cfg.duration_unit or unit
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _BadRows:
+    """Collects (record number, field, reason, input id) of invalid rows, vectorised per rule."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.bad = np.zeros(n, dtype=bool)
+        self.rows: list[np.ndarray] = []
+        self.fields: list[str] = []
+        self.reasons: list[np.ndarray] = []
+
+    def add(self, mask: np.ndarray, field: str,
+            reason: str | Callable[[np.ndarray], list[str]]) -> None:
+        """Flag rows in ``mask``; ``reason`` is a text, or a function of the flagged indices."""
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
+            return
+        self.bad |= mask
+        self.rows.append(idx)
+        self.fields.append(field)
+        texts = [reason] * idx.size if isinstance(reason, str) else reason(idx)
+        self.reasons.append(np.asarray(texts, dtype=object))
+
+    def table(self, stage: str, uri: str, input_ids: Callable[[np.ndarray], list[str]]
+              ) -> pa.Table:
+        if not self.rows:
+            return ERRORS.empty_table()
+        idx = np.concatenate(self.rows)
+        fields = np.concatenate([np.full(len(r), f, dtype=object)
+                                 for r, f in zip(self.rows, self.fields)])
+        reasons = np.concatenate(self.reasons)
+        order = np.argsort(idx, kind="stable")
+        idx, fields, reasons = idx[order], fields[order], reasons[order]
+        return pa.table({
+            "stage": pa.array(np.full(len(idx), stage, dtype=object), pa.string()),
+            "input_id": pa.array(input_ids(idx), pa.string()),
+            "uri": pa.array(np.full(len(idx), uri, dtype=object), pa.string()),
+            "row": pa.array(idx + 1, pa.int64()),
+            "field": pa.array(fields, pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+        }, schema=ERRORS)
+
+
+def _text(col: pa.ChunkedArray) -> np.ndarray:
+    """Column as an object array of str / None, with blank strings treated as missing."""
+    strings = col.cast(pa.string())
+    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(strings), ""), True)
+    values = strings.to_numpy(zero_copy_only=False).astype(object)
+    values[blank.to_numpy(zero_copy_only=False)] = None
+    return values
+
+
+def _present(values: np.ndarray) -> np.ndarray:
+    return pd.notna(pd.Series(values, dtype=object)).to_numpy()
+
+
+def _numbers(col: pa.ChunkedArray, bad: _BadRows, field: str, what: str) -> np.ndarray:
+    """Column as float64. Unparseable and missing entries become NaN and are reported."""
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        parsed = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad.add(np.isnan(parsed), field, f"{what} is missing or NaN")
+        return parsed
+    text = _text(col)
+    parsed = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce").to_numpy(np.float64)
+    present = _present(text)
+    lowered = pc.utf8_lower(pc.utf8_trim_whitespace(col.cast(pa.string())))
+    nan_text = present & pc.fill_null(pc.is_in(lowered, pa.array(["nan", "-nan", "+nan"])),
+                                      False).to_numpy(zero_copy_only=False)
+    unparseable = present & np.isnan(parsed) & ~nan_text
+    bad.add(unparseable, field,
+            lambda idx: [f"{what} is not a number: {t!r}" for t in text[idx]])
+    bad.add((~present) | nan_text, field, f"{what} is missing or NaN")
+    return parsed
+
+
+def validate_videos(table: pa.Table, uri: str) -> tuple[pa.Table, pa.Table]:
+    """Return (valid videos conforming to VIDEOS, error rows)."""
+    for name in ("video_id", "uri"):
+        if name not in table.column_names:
+            raise IngestError(f"{uri}: videos table lacks column {name!r}; "
+                              f"has {table.column_names}")
+    n = table.num_rows
+    bad = _BadRows(n)
+    ids = _text(table.column("video_id"))
+    uris = _text(table.column("uri"))
+    bad.add(~_present(ids), "video_id", "missing video_id")
+    bad.add(~_present(uris), "uri", "missing uri")
+    dup = pd.Series(ids, dtype=object).duplicated(keep="first").to_numpy() & _present(ids)
+    bad.add(dup, "video_id", "duplicate video_id")
+    if "duration_s" in table.column_names:
+        text = _text(table.column("duration_s"))
+        dur = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce").to_numpy(np.float64)
+        bad.add(_present(text) & np.isnan(dur),
+                "duration_s", "duration_s is not a number")
+        bad.add(dur <= 0, "duration_s", "duration_s must be > 0")
+    else:
+        dur = np.full(n, np.nan)
+    good = ~bad.bad
+    videos = pa.table({
+        "video_id": pa.array(ids[good], pa.string()),
+        "uri": pa.array(uris[good], pa.string()),
+        "duration_s": pa.array(dur[good], pa.float64(), mask=np.isnan(dur[good])),
+    })
+    return conform(videos, VIDEOS, "videos"), bad.table("ingest", uri, lambda idx: ids[idx])
+
+
+def validate_interactions(
+    table: pa.Table, cfg: IngestConfig, known_videos: np.ndarray, uri: str
+) -> tuple[pd.DataFrame, pa.Table]:
+    """Map columns, validate every row; return (good rows as a DataFrame, error rows)."""
+    mapping, unit = column_mapping(cfg)
+    missing = [f"{ours} (source column {mapping.get(ours)!r})" for ours in REQUIRED
+               if mapping.get(ours) not in table.column_names]
+    if missing:
+        raise IngestError(f"{uri}: missing column(s) {', '.join(missing)} for preset "
+                          f"{cfg.preset!r}; the file has {table.column_names}")
+    n = table.num_rows
+    bad = _BadRows(n)
+    user = _text(table.column(mapping["user_id"]))
+    video = _text(table.column(mapping["video_id"]))
+    bad.add(~_present(user), mapping["user_id"], "missing user_id")
+    bad.add(~_present(video), mapping["video_id"], "missing video_id")
+
+    play_col, dur_col = mapping["play_time"], mapping["duration"]
+    play = _numbers(table.column(play_col), bad, play_col, f"play time {play_col}")
+    dur = _numbers(table.column(dur_col), bad, dur_col, f"duration {dur_col}")
+    bad.add(play < 0, play_col, f"play time {play_col} is negative")
+    bad.add(dur == 0, dur_col, f"duration {dur_col} is zero")
+    bad.add(dur < 0, dur_col, f"duration {dur_col} is negative")
+
+    ts_col = mapping.get("timestamp")
+    if ts_col and ts_col in table.column_names:
+        ts = _numbers(table.column(ts_col), bad, ts_col, f"timestamp {ts_col}")
+        timestamps = np.where(np.isnan(ts), 0, ts).astype(np.int64)
+    else:
+        timestamps = np.arange(n, dtype=np.int64)  # source order
+
+    known = np.isin(video.astype(str), known_videos) | ~_present(video)
+    bad.add(~known, mapping["video_id"],
+            lambda idx: [f"video_id {v!r} is not in the videos table" for v in video[idx]])
+
+    scale = 1e-3 if unit == "ms" else 1.0
+    good = ~bad.bad
+    ratio = np.minimum(play[good] / dur[good], cfg.max_watch_ratio)
+    frame = pd.DataFrame({
+        "user_id": user[good].astype(str),
+        "video_id": video[good].astype(str),
+        "play_time_s": play[good] * scale,
+        "duration_s": dur[good] * scale,
+        "watch_ratio": ratio,
+        "full_watch": ratio >= 1.0 - cfg.full_watch_tolerance,
+        "timestamp": timestamps[good],
+        "source_row": np.flatnonzero(good).astype(np.int64) + 1,
+    })
+    return frame, bad.table("ingest", uri, lambda idx: [f"{u}/{v}" for u, v in
+                                                         zip(user[idx], video[idx])])
+
+
+def time_split(frame: pd.DataFrame, test_fraction: float, min_user_interactions: int) -> np.ndarray:
+    """Per-user chronological split (see module docstring); returns "train"/"test" per row."""
+    n = len(frame)
+    order = np.lexsort((frame["source_row"].to_numpy(), frame["timestamp"].to_numpy(),
+                        frame["user_id"].to_numpy()))
+    users_sorted = frame["user_id"].to_numpy()[order]
+    starts = np.r_[True, users_sorted[1:] != users_sorted[:-1]] if n else np.zeros(0, bool)
+    group = np.cumsum(starts) - 1
+    group_start = np.flatnonzero(starts)
+    counts = np.diff(np.r_[group_start, n])
+    n_test = np.clip(np.rint(counts * test_fraction), 1, np.maximum(counts - 1, 0)).astype(int)
+    n_test[(counts < min_user_interactions) | (test_fraction == 0)] = 0
+    position = np.arange(n) - group_start[group]  # rank inside the user's history
+    is_test_sorted = position >= (counts - n_test)[group]
+    split = np.empty(n, dtype=object)
+    split[order] = np.where(is_test_sorted, "test", "train")
+    return split
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_ingest(cfg: Config, store: Store, interactions: str | None = None,
+               videos: str | None = None) -> IngestSummary:
+    """Validate and commit ``videos``, ``interactions`` and ``ingest_errors`` to the store.
+
+    Nothing is committed when the policy is "fail" and any row is bad. The three tables are
+    replaced as a whole; each commit writes the resolved config beside the table.
+    """
+    icfg = cfg.ingest
+    icfg.interactions = interactions = interactions or icfg.interactions
+    icfg.videos = videos = videos or icfg.videos
+    if not interactions or not videos:
+        raise IngestError("ingest needs both ingest.interactions and ingest.videos files")
+    video_table, video_errors = validate_videos(read_source(videos), str(videos))
+    source = read_source(interactions)
+    known = video_table.column("video_id").to_numpy(zero_copy_only=False).astype(str)
+    frame, row_errors = validate_interactions(source, icfg, known, str(interactions))
+    errors = pa.concat_tables([video_errors, row_errors])
+    if errors.num_rows and icfg.bad_rows == "fail":
+        raise IngestError(_describe(errors))
+
+    frame["split"] = time_split(frame, icfg.test_fraction, icfg.min_user_interactions)
+    table = conform(pa.Table.from_pandas(frame, preserve_index=False), INTERACTIONS,
+                    "interactions")
+    store.table("videos").write(video_table, {"source": str(videos)}, config=cfg)
+    store.table("ingest_errors").write(errors, {"policy": icfg.bad_rows}, config=cfg)
+    summary = IngestSummary(
+        rows=source.num_rows,
+        ingested=len(frame),
+        quarantined=source.num_rows - len(frame),
+        users=int(frame["user_id"].nunique()),
+        videos=video_table.num_rows,
+        train=int((frame["split"] == "train").sum()),
+        test=int((frame["split"] == "test").sum()),
+        full_watch_rate=float(frame["full_watch"].mean()) if len(frame) else 0.0,
+    )
+    store.table("interactions").write(
+        table, {"source": str(interactions), "summary": summary.__dict__,
+                "fingerprint": ingest_fingerprint(cfg)}, config=cfg)
+    return summary
+
+
+def ingest_fingerprint(cfg: Config) -> str:
+    """Identity of an ingest: its source files (path, size, mtime) and the ingest config."""
+    parts = [json.dumps(dataclasses.asdict(cfg.ingest), sort_keys=True, default=str)]
+    for path in (cfg.ingest.interactions, cfg.ingest.videos):
+        stat = os.stat(path) if path and os.path.exists(path) else None
+        parts.append(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}" if stat
+                     else f"{path}:absent")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def ingest_is_current(cfg: Config, store: Store) -> bool:
+    """True when the committed interactions came from exactly these sources and settings."""
+    table = store.table("interactions")
+    return table.exists() and table.metadata().get("fingerprint") == ingest_fingerprint(cfg)
+
+
+def _describe(errors: pa.Table) -> str:
+    rows = errors.to_pylist()
+    lines = [f"{r['uri']} row {r['row']}: {r['reason']}" for r in rows[:MAX_LISTED]]
+    more = f"\n  ... and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else ""
+    return (f"{len(rows)} bad row(s) (policy bad_rows=fail; set ingest.bad_rows=quarantine to "
+            "ingest the good rows and keep these in the ingest_errors table):\n  "
+            + "\n  ".join(lines) + more)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up .venv, lint, then run the whole test suite. Extra arguments go to pytest.
+# Exits non-zero when anything fails, including pytest's exit code 5 (no test collected).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/setup.sh
+source "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+"$VENV_PY" -m ruff check frame_dist feature_store jobs tests benchmarks
+set +e
+"$VENV_PY" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "test.sh: pytest collected no test: failing" >&2
+fi
+exit "$rc"

@@ -1,0 +1,88 @@
+import pytest
+import yaml
+
+from frame_dist.config import Config, ConfigError, load_config, parse_override
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    assert cfg.model.dim == 128 and cfg.model.hidden == 256
+    assert (cfg.model.a_pos, cfg.model.a_neg) == (1.0, 0.2)
+    assert cfg.train.lr == 1e-3 and cfg.train.batch_size == 1024
+    assert cfg.extract.image_size == 224 and cfg.extract.grid_size == 64
+    assert cfg.evaluate.ks == (3, 5)
+
+
+def test_yaml_and_overrides_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "graph": {"n_clips": 8, "n_shards": 2},
+        "train": {"lr": "1e-4", "workers": 2},
+        "extract": {"grid_size": 32},
+    }))
+    cfg = load_config(path, ["graph.n_clips=16", "model.use_negative=false",
+                             "evaluate.ks=[1, 10]", "store.root=s3://bucket/prefix"])
+    assert cfg.graph.n_clips == 16  # override beats the file
+    assert cfg.graph.n_shards == 2 and cfg.train.workers == 2
+    assert cfg.train.lr == pytest.approx(1e-4)  # YAML reads 1e-4 as text; coerced to float
+    assert cfg.model.use_negative is False
+    assert cfg.evaluate.ks == (1, 10)
+    assert cfg.store.root == "s3://bucket/prefix"
+
+    resolved = tmp_path / "resolved.yaml"
+    cfg.save(resolved)
+    again = load_config(resolved)
+    assert again == cfg
+
+
+def test_world_preset_sets_sizes_unless_given():
+    medium = load_config(None, ["world.preset=medium"])
+    assert (medium.world.n_users, medium.world.n_videos) == (3000, 400)
+    pinned = load_config(None, ["world.preset=medium", "world.n_users=10"])
+    assert pinned.world.n_users == 10 and pinned.world.n_videos == 400
+
+
+@pytest.mark.parametrize("override, message", [
+    ("graph.n_clips=5", "graph.n_clips=5 must divide extract.grid_size=64"),
+    ("graph.n_clips=0", "graph.n_clips=0 must be > 0"),
+    ("model.a_neg=-0.2", "model.a_neg=-0.2 must be > 0"),
+    ("train.lr=0", "train.lr=0.0 must be > 0"),
+    ("train.zero_stage=3", "train.zero_stage=3 must be 0, 1 or 2"),
+    ("train.workers=4", "train.workers=4 exceeds graph.n_shards=1"),
+    ("ingest.bad_rows=drop", "ingest.bad_rows='drop' must be one of ['fail', 'quarantine']"),
+    ("train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
+    ("model.enhance=maybe", "model.enhance must be true or false, got 'maybe'"),
+    ("graph.nclips=4", "unknown field graph.nclips"),
+    ("world.sizes=[[63, 64]]", "world.sizes entry [63, 64] must be (width, height), even"),
+    ("ingest.max_watch_ratio=0.5", "ingest.max_watch_ratio=0.5 must be >= 1"),
+])
+def test_invalid_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_all_errors_reported_together():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["graph.n_clips=5", "model.dim=0"])
+    assert "graph.n_clips=5" in str(err.value) and "model.dim=0" in str(err.value)
+
+
+def test_bad_override_syntax_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        parse_override("graph.n_clips")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("graph: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(scalar)
+
+
+def test_validate_checks_values_set_in_code():
+    cfg = Config()
+    cfg.graph.n_clips = "4"  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="graph.n_clips must be an integer"):
+        cfg.validate()
