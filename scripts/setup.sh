@@ -27,7 +27,10 @@ WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   echo "setup: installing frame-dist and its dependencies into $VENV (first run: a few minutes)"
   # pip as shipped with the interpreter; torch/torchvision are pinned in pyproject.toml.
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev]"
+  # (Some machines' pip config lists local package folders; pip's notes about absent ones are
+  # filtered out. pipefail keeps pip's exit status.)
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev]" 2>&1 |
+    { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$WANT" > "$STAMP"
 fi
 VENV_PY="$VENV/bin/python"

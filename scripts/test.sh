@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/setup.sh
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-"$VENV_PY" -m ruff check frame_dist feature_store jobs tests benchmarks
+"$VENV_PY" -m ruff check .
 set +e
 "$VENV_PY" -m pytest "$@"
 rc=$?
