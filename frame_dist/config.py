@@ -50,7 +50,6 @@ class WorldConfig:
     base_hazard: float = 0.04  # skip rate per second while a liked scene plays (noise)
     dislike_hazard: float = 1.4  # extra skip rate per second while a disliked scene plays
     taste_sharpness: float = 3.0  # how strongly a user's taste separates topics
-    test_fraction: float = 0.2  # passed to ingest: last fraction of each user's history
 
 
 @dataclass
@@ -79,6 +78,11 @@ class ExtractConfig:
     decoder_threads: int = 1  # PyAV decoder threads per decoding task
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPU actors when the cluster has GPUs
     videos_per_commit: int = 32  # videos written per committed part file
+    # (extract stage additions)
+    videos_per_decode_task: int = 2  # videos per decoding task; each holds G x S x S x 3 bytes
+    seek_min_frames: int = 48  # seek (keyframe, then forward) to a grid time this many frame
+    #                            intervals ahead of the decoder; 0: always decode sequentially
+    encoder_threads: int = 0  # torch threads per CPU encoder actor (0: node CPUs / encoder_actors)
 
 
 @dataclass
@@ -197,12 +201,9 @@ def _validate_ranges(cfg: Config) -> None:
                      "(H.264 with yuv420p)")
     _non_negative(e, "world.base_hazard", w.base_hazard)
     _non_negative(e, "world.dislike_hazard", w.dislike_hazard)
-    for section in (cfg.world, cfg.ingest):
-        name = "world" if section is cfg.world else "ingest"
-        if not 0 <= section.test_fraction < 1:
-            e.append(f"{name}.test_fraction={section.test_fraction} must be in [0, 1)")
-
     i = cfg.ingest
+    if not 0 <= i.test_fraction < 1:
+        e.append(f"ingest.test_fraction={i.test_fraction} must be in [0, 1)")
     _positive(e, "ingest.max_watch_ratio", i.max_watch_ratio)
     if i.max_watch_ratio < 1:
         e.append(f"ingest.max_watch_ratio={i.max_watch_ratio} must be >= 1 (a full watch is r=1)")
@@ -216,6 +217,9 @@ def _validate_ranges(cfg: Config) -> None:
                  "videos_per_commit"):
         _positive(e, f"extract.{name}", getattr(x, name))
     _positive(e, "extract.decode_cpus", x.decode_cpus)
+    _positive(e, "extract.videos_per_decode_task", x.videos_per_decode_task)
+    _non_negative(e, "extract.seek_min_frames", x.seek_min_frames)
+    _non_negative(e, "extract.encoder_threads", x.encoder_threads)
     if x.image_size < 32:
         e.append(f"extract.image_size={x.image_size} must be >= 32 (ResNet-50 downsamples 32x)")
 

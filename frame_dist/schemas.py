@@ -72,6 +72,15 @@ TRUTH = pa.schema([
     pa.field("p_full", pa.float64(), nullable=False),
 ])
 
+# Synthetic world only: the topic timeline of every video (for the case-study plot).
+SCENES = pa.schema([
+    pa.field("video_id", pa.string(), nullable=False),
+    pa.field("scene_index", pa.int32(), nullable=False),  # 0-based, in time order
+    pa.field("start_s", pa.float64(), nullable=False),
+    pa.field("end_s", pa.float64(), nullable=False),
+    pa.field("topic", pa.int32(), nullable=False),
+])
+
 
 class SchemaError(ValueError):
     """A table does not match its data contract."""

@@ -1,0 +1,33 @@
+"""The synthetic world as a pipeline source: generate it, then point ingest at its files."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from feature_store.store import Store
+from frame_dist.config import Config
+from frame_dist.schemas import SCENES, TRUTH, conform
+
+
+def prepare_world(cfg: Config, store: Store) -> Config:
+    """Generate (or reuse) the synthetic world; commit its truth tables; return the ingest config.
+
+    The returned config has ``ingest.interactions`` / ``ingest.videos`` set to the world's files.
+    The ``truth`` table (true full-watch probability of every interaction, for the oracle AUC)
+    and the ``scenes`` table (topic timeline of every video, for the case study) are committed
+    to the store when the world changed.
+    """
+    from frame_dist.synthetic import generate_world
+
+    info = generate_world(cfg.world)
+    meta = {"world": info.meta_json.read_text()}
+    for name, path, schema in (("truth", info.truth_parquet, TRUTH),
+                               ("scenes", info.scenes_parquet, SCENES)):
+        table = store.table(name)
+        if table.exists() and table.metadata().get("world") == meta["world"]:
+            continue
+        data = pq.read_table(path)
+        table.write(conform(data, schema, name), meta, config=cfg)
+    cfg.ingest.interactions = str(info.interactions_csv)
+    cfg.ingest.videos = str(info.videos_csv)
+    return cfg
