@@ -62,6 +62,7 @@ class IngestConfig:
     max_watch_ratio: float = 1.0  # watch ratio r is capped here (replays exceed 1)
     full_watch_tolerance: float = 0.02  # r >= 1 - tolerance counts as a full watch
     test_fraction: float = 0.2  # test = last fraction of each user's interactions (by time)
+    valid_fraction: float = 0.1  # validation (early stopping) = the fraction before the test part
     min_user_interactions: int = 5  # users with fewer interactions stay entirely in train
     bad_rows: Literal["fail", "quarantine"] = "fail"  # policy for invalid rows; never silent
 
@@ -204,6 +205,9 @@ def _validate_ranges(cfg: Config) -> None:
     i = cfg.ingest
     if not 0 <= i.test_fraction < 1:
         e.append(f"ingest.test_fraction={i.test_fraction} must be in [0, 1)")
+    if not 0 <= i.valid_fraction < 1 or i.valid_fraction + i.test_fraction >= 1:
+        e.append(f"ingest.valid_fraction={i.valid_fraction} must be in [0, 1) and leave room "
+                 f"for train next to ingest.test_fraction={i.test_fraction}")
     _positive(e, "ingest.max_watch_ratio", i.max_watch_ratio)
     if i.max_watch_ratio < 1:
         e.append(f"ingest.max_watch_ratio={i.max_watch_ratio} must be >= 1 (a full watch is r=1)")

@@ -27,9 +27,12 @@ row and reason) and the good rows are ingested.
 do not make a video "more than fully" watched). ``full_watch`` is r >= 1 - full_watch_tolerance.
 
 **Split**: per user, interactions are ordered by (timestamp, record number); the last
-``round(n * test_fraction)`` of them (at least 1, at most n - 1) are the test set. Users with fewer
-than ``min_user_interactions`` interactions keep all of them in train, so every test user has
-history in train and no test interaction precedes a train interaction of the same user.
+``round(n * test_fraction)`` of them (at least 1, at most n - 1) are the test set, and the
+``round(n * valid_fraction)`` before those (at least 1 when the fraction is positive, and never
+the user's last train interaction) are the validation set used for early stopping. Users with
+fewer than ``min_user_interactions`` interactions keep all of them in train, so every evaluated
+user has history in train and no valid/test interaction precedes a train interaction of the
+same user (nor a test one a valid one).
 """
 
 from __future__ import annotations
@@ -79,12 +82,13 @@ class IngestSummary:
     users: int
     videos: int
     train: int
+    valid: int
     test: int
     full_watch_rate: float
 
     def __str__(self) -> str:
         return (f"ingest: {self.rows} rows -> {self.ingested} interactions "
-                f"({self.train} train / {self.test} test, {self.users} users, "
+                f"({self.train} train / {self.valid} valid / {self.test} test, {self.users} users, "
                 f"{self.videos} videos, full-watch rate {self.full_watch_rate:.3f}); "
                 f"{self.quarantined} rows quarantined")
 
@@ -284,8 +288,9 @@ def validate_interactions(
                                                          zip(user[idx], video[idx])])
 
 
-def time_split(frame: pd.DataFrame, test_fraction: float, min_user_interactions: int) -> np.ndarray:
-    """Per-user chronological split (see module docstring); returns "train"/"test" per row."""
+def time_split(frame: pd.DataFrame, test_fraction: float, min_user_interactions: int,
+               valid_fraction: float = 0.0) -> np.ndarray:
+    """Per-user chronological split (module docstring): "train", "valid" or "test" per row."""
     n = len(frame)
     order = np.lexsort((frame["source_row"].to_numpy(), frame["timestamp"].to_numpy(),
                         frame["user_id"].to_numpy()))
@@ -294,12 +299,18 @@ def time_split(frame: pd.DataFrame, test_fraction: float, min_user_interactions:
     group = np.cumsum(starts) - 1
     group_start = np.flatnonzero(starts)
     counts = np.diff(np.r_[group_start, n])
-    n_test = np.clip(np.rint(counts * test_fraction), 1, np.maximum(counts - 1, 0)).astype(int)
-    n_test[(counts < min_user_interactions) | (test_fraction == 0)] = 0
+    eligible = counts >= min_user_interactions
+    n_test = np.where(eligible & (test_fraction > 0),
+                      np.clip(np.rint(counts * test_fraction), 1, np.maximum(counts - 1, 0)), 0)
+    room = np.maximum(counts - n_test - 1, 0)  # train keeps at least one interaction
+    n_valid = np.where(eligible & (valid_fraction > 0),
+                       np.minimum(np.maximum(np.rint(counts * valid_fraction), 1), room), 0)
     position = np.arange(n) - group_start[group]  # rank inside the user's history
-    is_test_sorted = position >= (counts - n_test)[group]
+    from_end = counts[group] - position  # 1 for the user's last interaction
+    labels = np.where(from_end <= n_test[group], "test",
+                      np.where(from_end <= (n_test + n_valid)[group], "valid", "train"))
     split = np.empty(n, dtype=object)
-    split[order] = np.where(is_test_sorted, "test", "train")
+    split[order] = labels
     return split
 
 
@@ -326,7 +337,8 @@ def run_ingest(cfg: Config, store: Store, interactions: str | None = None,
     if errors.num_rows and icfg.bad_rows == "fail":
         raise IngestError(_describe(errors))
 
-    frame["split"] = time_split(frame, icfg.test_fraction, icfg.min_user_interactions)
+    frame["split"] = time_split(frame, icfg.test_fraction, icfg.min_user_interactions,
+                                icfg.valid_fraction)
     table = conform(pa.Table.from_pandas(frame, preserve_index=False), INTERACTIONS,
                     "interactions")
     store.table("videos").write(video_table, {"source": str(videos)}, config=cfg)
@@ -338,6 +350,7 @@ def run_ingest(cfg: Config, store: Store, interactions: str | None = None,
         users=int(frame["user_id"].nunique()),
         videos=video_table.num_rows,
         train=int((frame["split"] == "train").sum()),
+        valid=int((frame["split"] == "valid").sum()),
         test=int((frame["split"] == "test").sum()),
         full_watch_rate=float(frame["full_watch"].mean()) if len(frame) else 0.0,
     )

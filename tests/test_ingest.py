@@ -161,7 +161,7 @@ def test_time_split_is_chronological_per_user_without_leakage():
         "timestamp": rng.integers(0, 50, n),
         "source_row": np.arange(1, n + 1),
     })
-    split = time_split(frame, test_fraction=0.2, min_user_interactions=5)
+    split = time_split(frame, test_fraction=0.2, min_user_interactions=5, valid_fraction=0.1)
     frame["split"] = split
     for user, g in frame.groupby("user_id"):
         g = g.sort_values(["timestamp", "source_row"])
@@ -170,7 +170,9 @@ def test_time_split_is_chronological_per_user_without_leakage():
             assert (g["split"] == "train").all(), user
             continue
         n_test = min(max(round(k * 0.2), 1), k - 1)
-        assert g["split"].tolist() == ["train"] * (k - n_test) + ["test"] * n_test, user
+        n_valid = min(max(round(k * 0.1), 1), k - n_test - 1)
+        assert g["split"].tolist() == (["train"] * (k - n_test - n_valid) + ["valid"] * n_valid
+                                       + ["test"] * n_test), user
 
 
 def test_time_split_small_cases():
@@ -180,3 +182,9 @@ def test_time_split_small_cases():
     # user a: 5 rows, the earliest timestamp-wise last one is row 1 (t=5); b has 4 < 5 rows
     assert split.tolist() == ["test"] + ["train"] * 8
     assert time_split(frame, 0.0, 1).tolist() == ["train"] * 9
+    # a: t=5 (row 1) test, t=4 (row 2) valid; b (4 rows, min 3): last row test, third valid
+    assert time_split(frame, 0.2, 3, valid_fraction=0.2).tolist() == [
+        "test", "valid", "train", "train", "train", "train", "train", "valid", "test"]
+    # two interactions: one test, none left for valid (train keeps one)
+    two = pd.DataFrame({"user_id": ["c", "c"], "timestamp": [1, 2], "source_row": [1, 2]})
+    assert time_split(two, 0.2, 2, valid_fraction=0.3).tolist() == ["train", "test"]

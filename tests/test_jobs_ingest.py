@@ -19,7 +19,7 @@ def test_world_ingest_and_skip(tmp_path, capsys):
     inter = store.table("interactions").read()
     truth = store.table("truth").read()
     assert inter.num_rows == truth.num_rows > 0
-    assert set(pc.unique(inter.column("split")).to_pylist()) == {"train", "test"}
+    assert set(pc.unique(inter.column("split")).to_pylist()) == {"train", "valid", "test"}
     assert store.table("videos").read().num_rows == 6
     assert store.table("scenes").read().num_rows >= 6
     # the resolved config is written beside the table
