@@ -1,0 +1,366 @@
+"""FRAME: fine-grained user interests for micro-video recommendation (Shang et al., SIGIR 2023).
+
+One model class, pure torch. The graphs it propagates over and the propagation strategy (one
+process or W workers, see ``frame_dist.propagation``) are passed in, never built here.
+
+Shapes: C clips in total (C = N * N_c), M_local users held by this process, d = ``dim``,
+F = ``n_clip_features``, B = a batch of (user, video) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from frame_dist.propagation import LocalPropagation, PropagationGraph
+
+
+@dataclass
+class Embeddings:
+    """What one propagation produces: clip embeddings H_c and the dual user interests."""
+
+    h_c: Tensor  # (C or n_clips_asked, d) H_c of eq. 10
+    h_u_pos: Tensor  # (M_local, d) H_u^p of eq. 7
+    h_u_neg: Tensor | None  # (M_local, d) H_u^n of eq. 7; None without the negative graph
+
+    def __iter__(self):
+        return iter((self.h_c, self.h_u_pos, self.h_u_neg))
+
+
+@dataclass
+class FrameOutput:
+    """Scores of a training batch: every clip of each pair's video, and its watched part."""
+
+    clip_scores: Tensor  # (B, N_c) y(u, c) of eq. 12 for the N_c clips of each pair's video
+    watched_scores: Tensor  # (B,) y(u, mean of the watched clips' h_c) (eq. 15); 0 if none
+
+
+class PreferenceMLP(nn.Module):
+    """MLP^p or MLP^n of eq. 11: y = w_2^T ReLU(W_1 [h_u ; h_c] + b_1) + b_2.
+
+    One hidden layer. ``W_1`` is stored as one (hidden, 2d) matrix (the concatenation of the
+    paper), but applied as W_1[:, :d] h_u + W_1[:, d:] h_c so a user's half is computed once and
+    broadcast over its clips instead of concatenating a copy per clip.
+
+    Example::
+
+        >>> mlp = PreferenceMLP(dim=8, hidden=16)
+        >>> mlp(torch.randn(4, 1, 8), torch.randn(4, 3, 8)).shape   # users x clips
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.dim = dim
+        self.hidden = nn.Linear(2 * dim, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, h_u: Tensor, h_c: Tensor) -> Tensor:
+        """``h_u`` (..., d) and ``h_c`` (..., d), broadcastable; returns (...) scores."""
+        w = self.hidden.weight  # (hidden, 2d)
+        z = F.linear(h_u, w[:, :self.dim]) + F.linear(h_c, w[:, self.dim:], self.hidden.bias)
+        return self.out(torch.relu(z)).squeeze(-1)  # (...)
+
+
+class FRAME(nn.Module):
+    r"""FRAME (Shang et al., SIGIR 2023): dual user-clip GCN with preference fusion.
+
+    Visual-enhanced clip embeddings (section 3.1): the clip feature f_c (F-d mean of frame
+    features, eq. 1) is reduced to d by a fully connected layer (the paper's FC after the ResNet
+    trunk) and enhanced by a learnable d x d matrix:
+
+    .. math::
+        \mathbf{e}_c = \mathbf{W}_t (\mathbf{W}_{fc} \mathbf{f}_c + \mathbf{b}_{fc}),
+        \qquad \mathbf{H}_c^{(0)} = [\mathbf{e}_c]
+
+    Dual-side GCN over the normalised graphs R~ = D_u^{-1/2} R D_c^{-1/2} (eqs. 6-9), without any
+    free user embedding (users exist only through their clips), s = ReLU:
+
+    .. math::
+        \mathbf{H}_u^p = s(\tilde{\mathbf{R}}^p \mathbf{H}_c^{(0)} \mathbf{W}_p^{(1)}), \quad
+        \mathbf{H}_u^n = s(\tilde{\mathbf{R}}^n \mathbf{H}_c^{(0)} \mathbf{W}_n^{(1)})
+        \qquad (7)
+
+        \mathbf{H}_c^{p(1)} = s(\tilde{\mathbf{R}}^{p\top} \mathbf{H}_u^p \mathbf{W}_p^{(2)}),
+        \quad \mathbf{H}_c^{n(1)} = s(\tilde{\mathbf{R}}^{n\top} \mathbf{H}_u^n
+        \mathbf{W}_n^{(2)}) \qquad (8)
+
+        \mathbf{H}_c^{(1)} = \mathrm{Mean}(\mathbf{H}_c^{p(1)}, \mathbf{H}_c^{n(1)}) \quad (9),
+        \qquad \mathbf{H}_c = \alpha_0 \mathbf{H}_c^{(0)} + \alpha_1 \mathbf{H}_c^{(1)} \quad (10)
+
+    Preference fusion (eqs. 11-13):
+
+    .. math::
+        y_{uc} = a_p \,\mathrm{MLP}^p(\mathbf{h}_u^p \Vert \mathbf{h}_c)
+               - a_n \,\mathrm{MLP}^n(\mathbf{h}_u^n \Vert \mathbf{h}_c), \qquad
+        y_{uv} = \frac{1}{N_c} \sum_{j=1}^{N_c} y_{u c_{v,j}}
+
+    and P(full watch) = sigmoid(y_uv).
+
+    Args:
+        n_clip_features (int): F, size of the clip features (2048 for the ResNet-50 trunk).
+        dim (int, optional): d, the embedding size. (default: 128)
+        hidden (int, optional): hidden width of MLP^p and MLP^n. (default: 256)
+        a_pos (float, optional): a_p, weight of the positive score (eq. 12). (default: 1.0)
+        a_neg (float, optional): a_n, weight of the negative score (eq. 12). (default: 0.2)
+        use_negative (bool, optional): False drops R~^n, W_n and MLP^n: y = a_p y_p and
+            H_c^(1) = H_c^p(1) (Table 6's "without negative clips"). (default: True)
+        enhance (bool, optional): False uses e_c = f_c after the FC (no W_t; Table 5's
+            "raw"). (default: True)
+        use_visual (bool, optional): False replaces the visual features by a free learnable
+            clip embedding table of ``n_clips_total`` rows (Table 5's "without visual
+            features"); W_t still applies when ``enhance``. (default: True)
+        n_clips_total (int, optional): C, required when ``use_visual=False``.
+        propagation (LocalPropagation, optional): the sparse message passing; a distributed
+            subclass makes the same model exact on W workers. (default: LocalPropagation())
+
+    Example::
+
+        >>> model = FRAME(n_clip_features=2048, dim=128)
+        >>> h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)
+        >>> logits = model.score_pairs(clip_features, graph, users, videos)   # (B,)
+    """
+
+    def __init__(self, n_clip_features: int, dim: int = 128, hidden: int = 256,
+                 a_pos: float = 1.0, a_neg: float = 0.2, use_negative: bool = True,
+                 enhance: bool = True, use_visual: bool = True,
+                 n_clips_total: int | None = None,
+                 propagation: LocalPropagation | None = None):
+        super().__init__()
+        if dim <= 0 or hidden <= 0:
+            raise ValueError(f"FRAME: dim={dim} and hidden={hidden} must be > 0")
+        if use_visual and n_clip_features <= 0:
+            raise ValueError(f"FRAME: n_clip_features={n_clip_features} must be > 0 when "
+                             "use_visual=True")
+        if not use_visual and (n_clips_total is None or n_clips_total <= 0):
+            raise ValueError("FRAME: use_visual=False needs n_clips_total (the number of clips "
+                             f"C), got {n_clips_total!r}")
+        self.n_clip_features = n_clip_features
+        self.dim = dim
+        self.hidden = hidden
+        self.a_pos = float(a_pos)
+        self.a_neg = float(a_neg)
+        self.use_negative = use_negative
+        self.enhance = enhance
+        self.use_visual = use_visual
+        self.n_clips_total = n_clips_total
+        self.propagation = propagation if propagation is not None else LocalPropagation()
+
+        if use_visual:
+            self.input_proj = nn.Linear(n_clip_features, dim)  # the paper's FC after the trunk
+        else:
+            self.clip_table = nn.Embedding(n_clips_total, dim)  # free clip embeddings
+        if enhance:
+            self.enhancement = nn.Linear(dim, dim, bias=False)  # W_t
+        self.w_pos_1 = nn.Linear(dim, dim, bias=False)  # W_p^(1)
+        self.w_pos_2 = nn.Linear(dim, dim, bias=False)  # W_p^(2)
+        self.mlp_pos = PreferenceMLP(dim, hidden)  # MLP^p
+        if use_negative:
+            self.w_neg_1 = nn.Linear(dim, dim, bias=False)  # W_n^(1)
+            self.w_neg_2 = nn.Linear(dim, dim, bias=False)  # W_n^(2)
+            self.mlp_neg = PreferenceMLP(dim, hidden)  # MLP^n
+        # alpha_0, alpha_1 of eq. 10, LightGCN's uniform layer weights as the start
+        self.layer_weights = nn.Parameter(torch.full((2,), 0.5))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights (section 4.1.4), zero biases, alpha_0 = alpha_1 = 0.5."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.xavier_uniform_(module.weight)
+        with torch.no_grad():
+            self.layer_weights.fill_(0.5)
+
+    def model_args(self) -> dict[str, Any]:
+        """Constructor arguments (without the propagation) to rebuild this model from a checkpoint.
+
+        ``FRAME(**model.model_args())`` has the same parameter names and shapes.
+        """
+        return dict(n_clip_features=self.n_clip_features, dim=self.dim, hidden=self.hidden,
+                    a_pos=self.a_pos, a_neg=self.a_neg, use_negative=self.use_negative,
+                    enhance=self.enhance, use_visual=self.use_visual,
+                    n_clips_total=self.n_clips_total)
+
+    def regularized_parameters(self) -> list[Tensor]:
+        """Theta of the L2 term (eq. 16): every weight matrix and the clip table; no biases and
+        no alpha_0/alpha_1 (a penalty on them only shrinks the layer combination)."""
+        return [p for name, p in self.named_parameters()
+                if p.ndim >= 2 and name != "layer_weights"]
+
+    # ------------------------------------------------------------------ embeddings (eqs. 1-10)
+
+    def clip_input(self, clip_features: Tensor | None, clips: Tensor | None = None) -> Tensor:
+        """H_c^(0) = [e_c]: (C, d), or (len(clips), d) for the given clip indices."""
+        if self.use_visual:
+            if clip_features is None:
+                raise ValueError("FRAME(use_visual=True) needs clip_features, got None")
+            if clip_features.ndim != 2 or clip_features.shape[1] != self.n_clip_features:
+                raise ValueError(f"clip_features must be (C, {self.n_clip_features}), got "
+                                 f"{tuple(clip_features.shape)}")
+            w = self.input_proj.weight
+            x = clip_features if clips is None else clip_features[clips]  # (C, F)
+            f_c = self.input_proj(x.to(device=w.device, dtype=w.dtype))  # (C, d)
+        else:
+            f_c = (self.clip_table.weight if clips is None
+                   else self.clip_table(clips))  # (C, d)
+        return self.enhancement(f_c) if self.enhance else f_c  # (C, d) e_c = W_t f_c
+
+    def propagate(self, h_c0: Tensor, graph: PropagationGraph,
+                  clips: Tensor | None = None) -> Embeddings:
+        """The dual GCN (eqs. 7-10) from H_c^(0) (C, d).
+
+        ``clips`` restricts the clip side (eqs. 8-10) to those clip indices: the result's
+        ``h_c`` has one row per entry of ``clips``. The user side is always whole (eq. 8 needs
+        every user adjacent to a clip).
+        """
+        if h_c0.shape[0] != graph.n_clips:
+            raise ValueError(f"H_c^(0) has {h_c0.shape[0]} rows, the graph has {graph.n_clips} "
+                             "clips")
+        if self.use_negative and graph.neg is None:
+            raise ValueError("FRAME(use_negative=True) needs a graph with the negative "
+                             "adjacency (graph.neg is None)")
+        prop = self.propagation
+        # eq. 7: (R~ H_c^(0)) W costs M_local d^2, less than R~ (H_c^(0) W) at C d^2 when M < C
+        h_u_pos = torch.relu(self.w_pos_1(prop.users_from_clips(graph.pos, h_c0)))  # (M, d)
+        h_c_pos = torch.relu(self.w_pos_2(
+            prop.clips_from_users(graph.pos, h_u_pos, clips)))  # (n, d) eq. 8
+        h_u_neg = None
+        if self.use_negative:
+            h_u_neg = torch.relu(self.w_neg_1(prop.users_from_clips(graph.neg, h_c0)))  # (M, d)
+            h_c_neg = torch.relu(self.w_neg_2(
+                prop.clips_from_users(graph.neg, h_u_neg, clips)))  # (n, d) eq. 8
+            h_c1 = 0.5 * (h_c_pos + h_c_neg)  # (n, d) eq. 9
+        else:
+            h_c1 = h_c_pos  # (n, d)
+        h_c0_rows = h_c0 if clips is None else h_c0[clips]  # (n, d)
+        h_c = self.layer_weights[0] * h_c0_rows + self.layer_weights[1] * h_c1  # (n, d) eq. 10
+        return Embeddings(h_c, h_u_pos, h_u_neg)
+
+    def embeddings(self, clip_features: Tensor | None, graph: PropagationGraph,
+                   clips: Tensor | None = None) -> Embeddings:
+        """(H_c, H_u^p, H_u^n): the whole propagation from the clip features (eqs. 1-10).
+
+        Iterable, so ``h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)``.
+        """
+        return self.propagate(self.clip_input(clip_features), graph, clips)
+
+    # ------------------------------------------------------------------ scores (eqs. 11-13)
+
+    def clip_scores(self, h_u_pos: Tensor, h_u_neg: Tensor | None, h_c: Tensor) -> Tensor:
+        """y(u, c) = a_p MLP^p([h_u^p; h_c]) - a_n MLP^n([h_u^n; h_c]) (eqs. 11-12).
+
+        Inputs broadcast: (..., d) each; returns (...).
+        """
+        y = self.a_pos * self.mlp_pos(h_u_pos, h_c)
+        if self.use_negative:
+            if h_u_neg is None:
+                raise ValueError("clip_scores: the model uses the negative side but h_u_neg is "
+                                 "None")
+            y = y - self.a_neg * self.mlp_neg(h_u_neg, h_c)
+        return y
+
+    def video_scores(self, users: Tensor, videos: Tensor, h_c: Tensor, h_u_pos: Tensor,
+                     h_u_neg: Tensor | None, clips_per_video: int) -> Tensor:
+        """y(u, v) (eq. 13) of (user, video) pairs from the full tables of one propagation.
+
+        ``users`` (B,) local user rows, ``videos`` (B,) video indices, ``h_c`` (C, d) in clip
+        order c = v * N_c + j. Returns (B,) logits of a full watch.
+        """
+        h_c_video = h_c.view(-1, clips_per_video, h_c.shape[-1])[videos]  # (B, N_c, d)
+        hn = None if h_u_neg is None else h_u_neg[users, None]  # (B, 1, d)
+        return self.clip_scores(h_u_pos[users, None], hn, h_c_video).mean(-1)  # (B,)
+
+    def score_block(self, h_u_pos: Tensor, h_u_neg: Tensor | None, h_c_video: Tensor) -> Tensor:
+        """y(u, v) of every user against every video of a block: (U, d), (V, N_c, d) -> (U, V).
+
+        Memory is U * V * N_c * hidden floats: callers chunk users and videos (scoring).
+        """
+        hp = h_u_pos[:, None, None]  # (U, 1, 1, d)
+        hn = None if h_u_neg is None else h_u_neg[:, None, None]
+        return self.clip_scores(hp, hn, h_c_video[None]).mean(-1)  # (U, V)
+
+    def recommend(self, h_u_pos: Tensor, h_u_neg: Tensor | None, h_c_video: Tensor, k: int,
+                  exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Top-k videos of a block for each user: (scores (U, k), video positions (U, k)).
+
+        ``exclude`` (U, V) bool masks pairs out (e.g. videos seen in training); positions index
+        the block's videos. Call per chunk and merge across video blocks.
+        """
+        scores = self.score_block(h_u_pos, h_u_neg, h_c_video)  # (U, V)
+        if exclude is not None:
+            scores = scores.masked_fill(exclude, float("-inf"))
+        return torch.topk(scores, min(k, scores.shape[1]), dim=1)
+
+    def score_pairs(self, clip_features: Tensor | None, graph: PropagationGraph,
+                    users: Tensor, videos: Tensor) -> Tensor:
+        """y(u, v) (eq. 13) for (user, video) pairs, propagating only to their videos' clips."""
+        self.check_pairs(users, videos, graph)
+        clips, inverse = self._video_clips(videos, graph.clips_per_video)
+        h_c, h_u_pos, h_u_neg = self.embeddings(clip_features, graph, clips)
+        n_c = graph.clips_per_video
+        h_c_pair = h_c.view(-1, n_c, self.dim)[inverse]  # (B, N_c, d)
+        hn = None if h_u_neg is None else h_u_neg[users, None]
+        return self.clip_scores(h_u_pos[users, None], hn, h_c_pair).mean(-1)  # (B,)
+
+    # ------------------------------------------------------------------ training forward
+
+    def forward(self, clip_features: Tensor | None, graph: PropagationGraph, users: Tensor,
+                videos: Tensor, watched: Tensor) -> FrameOutput:
+        """Scores a training batch needs (eqs. 12 and 15), propagating only to its clips.
+
+        Args:
+            users: (B,) local user rows; videos: (B,) video indices.
+            watched: (B,) fully played clips per interaction (N_c for a full watch; see
+                ``frame_dist.graph.clip_labels``): the watched part is clips j < watched.
+
+        Returns:
+            :class:`FrameOutput` with ``clip_scores`` (B, N_c) for every clip of the video and
+            ``watched_scores`` (B,), the score of the mean-pooled watched clips' h_c scored as
+            one clip (eq. 15; 0 where nothing was watched).
+        """
+        n_c = graph.clips_per_video
+        self.check_pairs(users, videos, graph)
+        if watched.shape != videos.shape:
+            raise ValueError(f"watched has shape {tuple(watched.shape)}, videos "
+                             f"{tuple(videos.shape)}")
+        clips, inverse = self._video_clips(videos, n_c)
+        h_c, h_u_pos, h_u_neg = self.embeddings(clip_features, graph, clips)
+        h_c_pair = h_c.view(-1, n_c, self.dim)[inverse]  # (B, N_c, d)
+        hp = h_u_pos[users]  # (B, d)
+        hn = None if h_u_neg is None else h_u_neg[users]  # (B, d)
+        clip_scores = self.clip_scores(hp[:, None], None if hn is None else hn[:, None],
+                                       h_c_pair)  # (B, N_c)
+        position = torch.arange(n_c, device=h_c.device)
+        played = (position[None, :] < watched[:, None]).to(h_c.dtype)  # (B, N_c)
+        n_played = played.sum(1, keepdim=True).clamp(min=1.0)  # (B, 1)
+        h_watched = (played[..., None] * h_c_pair).sum(1) / n_played  # (B, d) mean pooling
+        watched_scores = self.clip_scores(hp, hn, h_watched)  # (B,)
+        return FrameOutput(clip_scores, watched_scores)
+
+    @staticmethod
+    def check_pairs(users: Tensor, videos: Tensor, graph: PropagationGraph) -> None:
+        """Raise unless users and videos are equal-length index tensors inside the graph."""
+        if users.shape != videos.shape or users.ndim != 1:
+            raise ValueError(f"users {tuple(users.shape)} and videos {tuple(videos.shape)} must "
+                             "be equal-length 1-d index tensors")
+        for name, idx, n in (("users", users, graph.n_users), ("videos", videos,
+                                                               graph.n_videos)):
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                bad = idx[(idx < 0) | (idx >= n)]
+                raise IndexError(f"{name} {bad[:5].tolist()} out of range [0, {n}) of the graph")
+
+    @staticmethod
+    def _video_clips(videos: Tensor, clips_per_video: int) -> tuple[Tensor, Tensor]:
+        """Clip indices of the distinct ``videos`` ((V_u * N_c,)) and each pair's video slot."""
+        uniq, inverse = torch.unique(videos, return_inverse=True)  # (V_u,), (B,)
+        offsets = torch.arange(clips_per_video, device=videos.device)
+        clips = (uniq[:, None] * clips_per_video + offsets).reshape(-1)  # (V_u * N_c,)
+        return clips, inverse

@@ -1,0 +1,215 @@
+"""Single-process training of FRAME: plain torch, CPU or CUDA, straight from config to loop.
+
+``train(...)`` runs Adam over shuffled batches of training interactions, evaluates on a
+validation set after every epoch, stops early on validation AUC (``TrainConfig.patience``) and
+returns the history and the best weights. ``evaluate(...)`` computes the paper's metrics for any
+set of (user, video, full-watch label) triples. The distributed trainer reuses the same pieces
+(``build_model``, ``build_loss``, ``FRAMETrainTask``, ``evaluate``) inside Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from frame_dist.config import EvaluateConfig, ModelConfig, TrainConfig
+from frame_dist.graph import Interactions, clip_labels
+from frame_dist.loss import FRAMETrainTask, HybridLoss, InteractionBatch
+from frame_dist.metrics import all_metrics
+from frame_dist.model import FRAME
+from frame_dist.propagation import LocalPropagation, PropagationGraph
+
+
+@dataclass
+class TrainData:
+    """Training interactions as arrays: graph rows, videos and clip labels."""
+
+    users: np.ndarray  # (n,) local user rows of the graph
+    videos: np.ndarray  # (n,) video indices
+    watched: np.ndarray  # (n,) fully played clips, N_c for a full watch (graph.clip_labels)
+
+    def __post_init__(self) -> None:
+        n = len(self.users)
+        if np.shape(self.videos) != (n,) or np.shape(self.watched) != (n,):
+            raise ValueError(f"TrainData: users ({n},), videos {np.shape(self.videos)} and "
+                             f"watched {np.shape(self.watched)} must have the same length")
+
+    @classmethod
+    def from_interactions(cls, interactions: Interactions, n_clips: int) -> TrainData:
+        """Training arrays of ``interactions`` (whole-graph user rows) with N_c clips."""
+        return cls(interactions.user_idx, interactions.video_idx,
+                   clip_labels(interactions.watch_ratio, interactions.full_watch, n_clips,
+                               interactions.source_row))
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass
+class EvalData:
+    """(user, video, label) triples to evaluate; label 1 = full watch."""
+
+    users: np.ndarray  # (n,) local user rows
+    videos: np.ndarray  # (n,)
+    labels: np.ndarray  # (n,) 0/1
+
+    @classmethod
+    def from_interactions(cls, interactions: Interactions) -> EvalData:
+        return cls(interactions.user_idx, interactions.video_idx,
+                   interactions.full_watch.astype(np.int64))
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]  # one entry per epoch: losses, seconds, validation metrics
+    best_state: dict[str, Tensor]  # model state dict (CPU) of the best validation AUC
+    best_epoch: int  # 1-based epoch of best_state
+    best_metrics: dict[str, float] = field(default_factory=dict)  # validation metrics then
+    stopped_early: bool = False
+
+
+def build_model(cfg: ModelConfig, n_clip_features: int, n_clips_total: int | None = None,
+                propagation: LocalPropagation | None = None, seed: int | None = None) -> FRAME:
+    """FRAME from a :class:`ModelConfig`; ``seed`` makes the initial weights reproducible."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return FRAME(n_clip_features, dim=cfg.dim, hidden=cfg.hidden, a_pos=cfg.a_pos,
+                 a_neg=cfg.a_neg, use_negative=cfg.use_negative, enhance=cfg.enhance,
+                 use_visual=cfg.use_visual, n_clips_total=n_clips_total,
+                 propagation=propagation)
+
+
+def build_loss(cfg: TrainConfig, model_cfg: ModelConfig) -> HybridLoss:
+    """Eq. 16 weights from the config. Without negatives the pair-wise loss is off (Table 6)."""
+    return HybridLoss(alpha=cfg.alpha, beta=cfg.beta if model_cfg.use_negative else 0.0,
+                      l2=cfg.l2)
+
+
+def resolve_device(use_gpu: bool | None) -> torch.device:
+    """CUDA when asked (or when present and not refused), else CPU."""
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("train.use_gpu=true but no CUDA device is visible")
+    if use_gpu or (use_gpu is None and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
+            users: np.ndarray | Tensor, videos: np.ndarray | Tensor,
+            batch_size: int = 8192) -> np.ndarray:
+    """Logits y(u, v) (eq. 13) of (user, video) pairs: one full propagation, chunked scoring."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.layer_weights.device
+        users_t = torch.as_tensor(np.asarray(users), dtype=torch.long, device=device)
+        videos_t = torch.as_tensor(np.asarray(videos), dtype=torch.long, device=device)
+        model.check_pairs(users_t, videos_t, graph)
+        h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)
+        out = [model.video_scores(users_t[i:i + batch_size], videos_t[i:i + batch_size], h_c,
+                                  h_u_pos, h_u_neg, graph.clips_per_video)
+               for i in range(0, len(users_t), batch_size)]
+        return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, np.float32)
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
+             users: np.ndarray, videos: np.ndarray, labels: np.ndarray,
+             ks: Sequence[int] = (3, 5), batch_size: int = 8192) -> dict[str, float]:
+    """AUC, Logloss, Recall@K and NDCG@K of the model on (user, video, full-watch) triples."""
+    logits = predict(model, clip_features, graph, users, videos, batch_size)
+    return all_metrics(np.asarray(users), np.asarray(labels), logits, ks)
+
+
+def _state_copy(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
+          train_data: TrainData, valid_data: EvalData | None, cfg: TrainConfig,
+          eval_cfg: EvaluateConfig | None = None, loss: HybridLoss | None = None,
+          device: torch.device | str | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train ``model`` in place; return the history and the best state (validation AUC).
+
+    Adam (``cfg.lr``), batches of ``cfg.batch_size`` interactions reshuffled every epoch with a
+    generator seeded by ``cfg.seed``, gradient-norm clipping at ``cfg.grad_clip`` (0: off), at most
+    ``cfg.epochs`` epochs, stopping after ``cfg.patience`` epochs without a better validation AUC.
+    Without ``valid_data`` every epoch runs and the last state is returned.
+    """
+    eval_cfg = eval_cfg or EvaluateConfig()
+    device = torch.device(device) if device is not None else resolve_device(cfg.use_gpu)
+    if len(train_data) == 0:
+        raise ValueError("train: no training interactions")
+    if valid_data is not None:
+        labels = np.asarray(valid_data.labels)
+        if labels.size == 0 or labels.min() == labels.max():
+            raise ValueError("train: the validation set needs both full watches and skips to "
+                             f"compute AUC (got {labels.size} rows, {int(labels.sum())} full)")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    loss = loss or HybridLoss(cfg.alpha, cfg.beta if model.use_negative else 0.0, cfg.l2)
+    if clip_features is not None:
+        clip_features = clip_features.to(device=device, dtype=torch.float32)
+    task = FRAMETrainTask(model, loss, clip_features, graph).to_device(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    users = torch.as_tensor(train_data.users, dtype=torch.long, device=device)
+    videos = torch.as_tensor(train_data.videos, dtype=torch.long, device=device)
+    watched = torch.as_tensor(train_data.watched, dtype=torch.long, device=device)
+
+    history: list[dict[str, Any]] = []
+    best_auc, best_epoch, best_metrics = -np.inf, 0, {}
+    best_state = _state_copy(model)
+    stale = 0
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        order = torch.as_tensor(rng.permutation(len(train_data)), device=device)
+        totals: dict[str, Tensor] = {}
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            batch = InteractionBatch(users[idx], videos[idx], watched[idx])
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss, stats = task(batch)
+            batch_loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            for key in ("loss", "pointwise", "pairwise", "l2"):
+                totals[key] = totals.get(key, 0.0) + stats[key] * len(idx)
+        entry: dict[str, Any] = {"epoch": epoch}
+        entry.update({k: float(v) / len(train_data) for k, v in totals.items()})
+        entry["train_seconds"] = time.perf_counter() - start
+        if valid_data is not None:
+            metrics = evaluate(model, clip_features, task.graph, valid_data.users,
+                               valid_data.videos, valid_data.labels, eval_cfg.ks,
+                               eval_cfg.batch_size)
+            entry["valid"] = metrics
+            if metrics["auc"] > best_auc:
+                best_auc, best_epoch, best_metrics = metrics["auc"], epoch, metrics
+                best_state = _state_copy(model)
+                stale = 0
+            else:
+                stale += 1
+        else:
+            best_epoch, best_state = epoch, _state_copy(model)
+        history.append(entry)
+        if log is not None:
+            valid = entry.get("valid", {})
+            log(f"epoch {epoch}: loss {entry['loss']:.4f} (point {entry['pointwise']:.4f}, "
+                f"pair {entry['pairwise']:.4f})"
+                + (f", valid auc {valid['auc']:.4f} logloss {valid['logloss']:.4f}"
+                   if valid else "") + f", {entry['train_seconds']:.1f}s")
+        if valid_data is not None and stale >= cfg.patience:
+            return TrainResult(history, best_state, best_epoch, copy.deepcopy(best_metrics),
+                               stopped_early=True)
+    return TrainResult(history, best_state, best_epoch, copy.deepcopy(best_metrics))
