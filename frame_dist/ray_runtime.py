@@ -9,7 +9,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Join the Ray cluster this process belongs to, or start a local one.
 
     Under ``ray job submit`` (RAY_ADDRESS set, or a running cluster) this connects to it; on a
-    laptop with no cluster it starts a local instance bound to 127.0.0.1 without the dashboard.
+    laptop with no cluster it starts a local instance bound to 127.0.0.1 (its dashboard, which
+    Ray Train's state queries use, listens on 127.0.0.1 only).
     """
     import ray
 
@@ -21,8 +22,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     try:
         ray.init(address="auto", log_to_driver=True)
     except ConnectionError:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def cluster_has_gpus() -> bool:

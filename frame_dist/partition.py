@@ -1,0 +1,303 @@
+"""Stage [graph N_c]: build R~^p and R~^n for one N_c and partition them into user shards.
+
+Each shard holds, for its users only (ARCHITECTURE.md "graph shards"):
+
+* the rows of R~^p and R~^n (normalised with the degrees of the **whole** graph, eq. 6), with
+  their columns renumbered into the shard's *local clip space*: the shard's videos (every video
+  its users interacted with, in any split) get local indices 0..V_s-1 and clip j of local video
+  v is local clip v * N_c + j, the same layout as the global clip order. A worker therefore
+  needs the clip features of its own videos only, never the whole clip table;
+* ``video_ids``: the global video index of each local video (what the all-reduce of the
+  clip-side aggregation is keyed on, see ``frame_dist.distributed``);
+* its users' interactions: training rows with their position in the global training order
+  (so every worker can draw the same global batches and keep its own members) and the clip
+  label ``watched``; validation and test rows with their full-watch labels.
+
+Users are split into P shards balanced by edge count (nnz of both graphs plus training rows):
+sorted by weight, dealt in snake order 0..P-1, P-1..0, ... (vectorised, within one user's weight
+of the greedy optimum in practice).
+
+Storage, under ``<store>/graphs/nc=<N_c>/``: one Parquet file per shard and table with a unique
+name, then ``_manifest.json`` written last (the commit): it lists the files and carries the
+metadata the training stage sizes itself from (user and video id maps, counts, fingerprint).
+A rerun with the same inputs and settings is skipped; a killed run leaves the previous commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from feature_store.frames import committed_video_ids, stored_identity
+from feature_store.store import Store, StoreError, write_atomic
+from frame_dist.config import Config
+from frame_dist.graph import IdMap, build_graph, clip_labels, encode_interactions
+
+SPLITS = ("train", "valid", "test")
+
+
+class PartitionError(ValueError):
+    """The graph cannot be built or a shard is missing / inconsistent."""
+
+
+def graph_dir(n_clips: int) -> str:
+    return f"graphs/nc={n_clips}"
+
+
+@dataclass
+class Shard:
+    """One user partition in the local clip space (see module docstring)."""
+
+    index: int
+    user_rows: np.ndarray  # (M_s,) global user index of each local row
+    video_ids: np.ndarray  # (V_s,) global video index of each local video (sorted)
+    pos: sp.csr_matrix  # (M_s, V_s * N_c) rows of R~^p, local columns
+    neg: sp.csr_matrix  # (M_s, V_s * N_c) rows of R~^n, local columns
+    train: dict[str, np.ndarray]  # order (global training position), user, video, watched
+    valid: dict[str, np.ndarray]  # user, video, label (local indices)
+    test: dict[str, np.ndarray]
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_rows)
+
+
+def partition_users(weights: np.ndarray, n_shards: int) -> np.ndarray:
+    """Shard of every user: sort by weight (heaviest first) and deal in snake order."""
+    order = np.argsort(-weights, kind="stable")
+    rank = np.arange(len(order))
+    lap, pos = np.divmod(rank, n_shards)
+    shard_of_rank = np.where(lap % 2 == 0, pos, n_shards - 1 - pos)
+    shard = np.empty(len(order), dtype=np.int64)
+    shard[order] = shard_of_rank
+    return shard
+
+
+def graph_fingerprint(cfg: Config, store: Store) -> str:
+    """Identity of a graph build: input table versions plus the settings that shape it."""
+    parts = {
+        "interactions": (store.table("interactions").manifest() or {}).get("version"),
+        "features": sorted(committed_video_ids(store)),
+        "encoder": stored_identity(store),
+        "graph": dataclasses.asdict(cfg.graph),
+        "grid": cfg.extract.grid_size,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_graph_manifest(store: Store, n_clips: int) -> dict[str, Any] | None:
+    path = posixpath.join(graph_dir(n_clips), "_manifest.json")
+    return store.read_json(path) if store.exists(path) else None
+
+
+def build_shards(cfg: Config, store: Store) -> dict[str, Any]:
+    """Build, partition and commit the graph for ``cfg.graph.n_clips``; return the manifest.
+
+    Skipped (returns the committed manifest) when inputs and settings are unchanged.
+    """
+    n_clips, n_shards = cfg.graph.n_clips, cfg.graph.n_shards
+    fingerprint = graph_fingerprint(cfg, store)
+    current = read_graph_manifest(store, n_clips)
+    if current is not None and current.get("fingerprint") == fingerprint:
+        current["skipped"] = True
+        return current
+
+    table = store.table("interactions").read()
+    featured = committed_video_ids(store)
+    if not featured:
+        raise PartitionError("no committed frame features: run the extract stage first")
+    has_features = pc.is_in(table["video_id"], pa.array(sorted(featured), pa.string()))
+    dropped = table.num_rows - int(pc.sum(has_features).as_py() or 0)
+    table = table.filter(has_features)
+    users = IdMap.from_values(table["user_id"], name="user_id")
+    videos = IdMap.from_values(pa.array(sorted(featured), pa.string()), name="video_id")
+
+    split = np.asarray(table["split"].to_numpy(zero_copy_only=False)).astype(str)
+    every = encode_interactions(table, users, videos, split=None)
+    is_train = split == "train"
+    graph = build_graph(every.user_idx[is_train], every.video_idx[is_train],
+                        every.watch_ratio[is_train], every.full_watch[is_train],
+                        n_users=len(users), n_videos=len(videos), n_clips=n_clips,
+                        positives=cfg.graph.positives)
+    watched = clip_labels(every.watch_ratio, every.full_watch, n_clips, every.source_row)
+
+    train_per_user = np.bincount(every.user_idx[is_train], minlength=len(users))
+    weights = (np.diff(graph.pos_norm.indptr) + np.diff(graph.neg_norm.indptr) + train_per_user)
+    shard_of_user = partition_users(weights, n_shards)
+    # global training order = order of the train rows in the interactions table
+    train_position = np.full(len(split), -1, dtype=np.int64)
+    train_position[is_train] = np.arange(int(is_train.sum()))
+
+    gdir = graph_dir(n_clips)
+    files: list[dict[str, Any]] = []
+    shard_stats = []
+    for k in range(n_shards):  # one iteration per shard, vectorised inside
+        shard = _make_shard(k, shard_of_user, graph, every, split, watched, train_position,
+                            n_clips)
+        names = _write_shard(store, gdir, shard)
+        files.append(names)
+        shard_stats.append(dict(users=shard.n_users, videos=len(shard.video_ids),
+                                nnz_pos=int(shard.pos.nnz), nnz_neg=int(shard.neg.nnz),
+                                train=len(shard.train["order"]), valid=len(shard.valid["user"]),
+                                test=len(shard.test["user"])))
+    manifest = {
+        "n_clips": n_clips,
+        "n_shards": n_shards,
+        "positives": cfg.graph.positives,
+        "n_users": len(users),
+        "n_videos": len(videos),
+        "n_train": int(is_train.sum()),
+        "nnz_pos": int(graph.pos.nnz),
+        "nnz_neg": int(graph.neg.nnz),
+        "dropped_no_features": dropped,
+        "user_ids": users.ids.to_pylist(),
+        "video_ids": videos.ids.to_pylist(),
+        "shards": shard_stats,
+        "files": files,
+        "fingerprint": fingerprint,
+    }
+    write_atomic(store.fs, store.path(gdir, "config.yaml"), cfg.to_yaml().encode())
+    store.write_json(posixpath.join(gdir, "_manifest.json"), manifest)
+    return manifest
+
+
+def _make_shard(k: int, shard_of_user: np.ndarray, graph, every, split: np.ndarray,
+                watched: np.ndarray, train_position: np.ndarray, n_clips: int) -> Shard:
+    rows = np.flatnonzero(shard_of_user == k)  # (M_s,) global users of this shard
+    mine = np.isin(every.user_idx, rows)  # interactions of this shard's users
+    videos = np.unique(every.video_idx[mine])  # (V_s,) sorted global video indices
+    # local clip space: columns of this shard's videos, renumbered v_local * N_c + j
+    cols = (videos[:, None] * n_clips + np.arange(n_clips)).reshape(-1)  # (V_s * N_c,)
+    pos = graph.pos_norm[rows][:, cols].tocsr()
+    neg = graph.neg_norm[rows][:, cols].tocsr()
+    local_user = np.searchsorted(rows, every.user_idx[mine])
+    local_video = np.searchsorted(videos, every.video_idx[mine])
+    s = split[mine]
+    label = every.full_watch[mine].astype(np.int8)
+
+    def rows_of(name: str) -> dict[str, np.ndarray]:
+        m = s == name
+        return {"user": local_user[m], "video": local_video[m], "label": label[m],
+                "watched": watched[mine][m], "order": train_position[mine][m]}
+
+    train = rows_of("train")
+    return Shard(k, rows, videos, pos, neg, train, rows_of("valid"), rows_of("test"))
+
+
+def _csr_table(m: sp.csr_matrix) -> pa.Table:
+    coo = m.tocoo()
+    return pa.table({"row": pa.array(coo.row, pa.int32()), "col": pa.array(coo.col, pa.int32()),
+                     "value": pa.array(coo.data.astype(np.float32), pa.float32())})
+
+
+def _write_shard(store: Store, gdir: str, shard: Shard) -> dict[str, str]:
+    """Write one shard's Parquet files under unique names; return {table: file name}."""
+    tag = uuid.uuid4().hex[:12]
+    tables = {
+        "users": pa.table({"user_row": pa.array(shard.user_rows, pa.int64())}),
+        "videos": pa.table({"video": pa.array(shard.video_ids, pa.int64())}),
+        "pos": _csr_table(shard.pos),
+        "neg": _csr_table(shard.neg),
+    }
+    for name in SPLITS:
+        part = getattr(shard, name)
+        tables[name] = pa.table({
+            "order": pa.array(part["order"], pa.int64()),
+            "user": pa.array(part["user"], pa.int64()),
+            "video": pa.array(part["video"], pa.int64()),
+            "watched": pa.array(part["watched"], pa.int64()),
+            "label": pa.array(part["label"], pa.int8()),
+        })
+    names = {}
+    store.fs.makedirs(store.path(gdir), exist_ok=True)
+    for name, table in tables.items():
+        fname = f"shard{shard.index:04d}-{name}-{tag}.parquet"
+        pq.write_table(table, store.path(gdir, fname), filesystem=store.fs)
+        names[name] = fname
+    return names
+
+
+def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, dict[str, Any]]:
+    """Load and merge the given shards of the committed graph (one worker's share)."""
+    manifest = read_graph_manifest(store, n_clips)
+    if manifest is None:
+        raise PartitionError(f"no committed graph for N_c={n_clips} in "
+                             f"{store.uri(graph_dir(n_clips))}: run the graph stage first")
+    bad = [k for k in indices if not 0 <= k < manifest["n_shards"]]
+    if bad:
+        raise PartitionError(f"shards {bad} do not exist: the graph for N_c={n_clips} has "
+                             f"{manifest['n_shards']} shard(s)")
+    gdir = graph_dir(n_clips)
+
+    def read(k: int, name: str) -> pa.Table:
+        path = store.path(gdir, manifest["files"][k][name])
+        try:
+            return pq.read_table(path, filesystem=store.fs)
+        except (FileNotFoundError, OSError) as exc:
+            raise PartitionError(f"graph shard {k} ({name}) is missing or unreadable: "
+                                 f"{store.uri(gdir, manifest['files'][k][name])}: {exc}") from exc
+
+    parts = []
+    for k in indices:
+        parts.append({name: read(k, name) for name in
+                      ("users", "videos", "pos", "neg", *SPLITS)})
+    videos = np.unique(np.concatenate([p["videos"]["video"].to_numpy() for p in parts]))
+    user_rows, pos_blocks, neg_blocks = [], [], []
+    splits: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in SPLITS}
+    offset = 0
+    for p in parts:
+        local_videos = p["videos"]["video"].to_numpy()
+        remap = np.searchsorted(videos, local_videos)  # shard-local video -> merged video
+        n_users = p["users"].num_rows
+        user_rows.append(p["users"]["user_row"].to_numpy())
+        for key, blocks in (("pos", pos_blocks), ("neg", neg_blocks)):
+            t = p[key]
+            col = t["col"].to_numpy().astype(np.int64)
+            new_col = remap[col // n_clips] * n_clips + col % n_clips
+            blocks.append(sp.csr_matrix((t["value"].to_numpy(), (t["row"].to_numpy(), new_col)),
+                                        shape=(n_users, len(videos) * n_clips)))
+        for s in SPLITS:
+            t = p[s]
+            splits[s].append({"order": t["order"].to_numpy(),
+                              "user": t["user"].to_numpy() + offset,
+                              "video": remap[t["video"].to_numpy()],
+                              "watched": t["watched"].to_numpy(),
+                              "label": t["label"].to_numpy()})
+        offset += n_users
+    merged = {s: {k: np.concatenate([d[k] for d in splits[s]]) for k in
+                  ("order", "user", "video", "watched", "label")} for s in SPLITS}
+    shard = Shard(indices[0] if len(indices) == 1 else -1, np.concatenate(user_rows), videos,
+                  sp.vstack(pos_blocks).tocsr().astype(np.float32),
+                  sp.vstack(neg_blocks).tocsr().astype(np.float32),
+                  merged["train"], merged["valid"], merged["test"])
+    return shard, manifest
+
+
+def check_graph(store: Store, n_clips: int, workers: int) -> dict[str, Any]:
+    """Fail before training when the graph is absent, has too few shards, or lost a file."""
+    manifest = read_graph_manifest(store, n_clips)
+    if manifest is None:
+        raise PartitionError(f"no committed graph for N_c={n_clips} in "
+                             f"{store.uri(graph_dir(n_clips))}: run the graph stage first")
+    if workers > manifest["n_shards"]:
+        raise PartitionError(f"train.workers={workers} exceeds the {manifest['n_shards']} "
+                             f"shard(s) of the graph for N_c={n_clips}: rebuild it with "
+                             f"graph.n_shards >= {workers}")
+    gdir = graph_dir(n_clips)
+    for k, names in enumerate(manifest["files"]):
+        for name, fname in names.items():
+            if not store.exists(gdir, fname):
+                raise StoreError(f"graph shard {k} is missing its {name} file "
+                                 f"{store.uri(gdir, fname)}")
+    return manifest

@@ -1,0 +1,97 @@
+"""What one training worker holds, and how it draws its share of each global batch.
+
+Pure torch / numpy (no Ray, no DeepSpeed): the Ray Train loop (``frame_dist.train_loop``) and the
+tests build the same :class:`WorkerData` from a shard.
+
+Batches: every worker draws the same global permutation of the N training interactions from a
+generator seeded with ``train.seed`` (one permutation per epoch, as the single-process trainer
+does), cuts it into global batches of B, and keeps the members that belong to its own users.
+So each worker samples only its own interactions, the union over workers is exactly the
+single-process batch, and the loss of each local part is divided by B / W so that DeepSpeed's
+gradient averaging over W workers yields the gradient of the global batch's loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from frame_dist.graph import adjacency
+from frame_dist.loss import InteractionBatch
+from frame_dist.partition import Shard
+from frame_dist.propagation import PropagationGraph
+
+
+@dataclass
+class WorkerData:
+    """One worker's graph rows, clip features and interactions, as tensors."""
+
+    graph: PropagationGraph  # local users x local clips
+    clip_features: Tensor | None  # (C_local, F) float32; None without visual features
+    global_clip_ids: Tensor  # (C_local,) global clip id of each local clip (ascending)
+    user_rows: np.ndarray  # (M_local,) global user index of each local row
+    video_ids: np.ndarray  # (V_local,) global video index of each local video
+    train_users: Tensor  # (n_local,) local rows
+    train_videos: Tensor  # (n_local,) local videos
+    train_watched: Tensor  # (n_local,) clip labels
+    local_of_global: np.ndarray  # (N_train_global,) local train row of a global position or -1
+    n_train_global: int
+    eval_sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # split -> users, videos, y
+
+    @classmethod
+    def from_shard(cls, shard: Shard, n_clips: int, n_train_global: int,
+                   clip_features: np.ndarray | None, with_negative: bool = True) -> WorkerData:
+        graph = PropagationGraph(pos=adjacency(shard.pos),
+                                 neg=adjacency(shard.neg) if with_negative else None,
+                                 clips_per_video=n_clips)
+        clip_ids = (shard.video_ids[:, None] * n_clips + np.arange(n_clips)).reshape(-1)
+        local_of_global = np.full(n_train_global, -1, dtype=np.int64)
+        local_of_global[shard.train["order"]] = np.arange(len(shard.train["order"]))
+        t = shard.train
+        return cls(
+            graph=graph,
+            clip_features=None if clip_features is None else torch.from_numpy(
+                np.ascontiguousarray(clip_features, dtype=np.float32)),
+            global_clip_ids=torch.from_numpy(clip_ids.astype(np.int64)),
+            user_rows=shard.user_rows, video_ids=shard.video_ids,
+            train_users=torch.from_numpy(t["user"].astype(np.int64)),
+            train_videos=torch.from_numpy(t["video"].astype(np.int64)),
+            train_watched=torch.from_numpy(t["watched"].astype(np.int64)),
+            local_of_global=local_of_global, n_train_global=n_train_global,
+            eval_sets={s: (getattr(shard, s)["user"], getattr(shard, s)["video"],
+                           getattr(shard, s)["label"].astype(np.int64))
+                       for s in ("valid", "test")},
+        )
+
+    def to(self, device: torch.device | str) -> WorkerData:
+        self.graph = self.graph.to(device)
+        if self.clip_features is not None:
+            self.clip_features = self.clip_features.to(device)
+        self.global_clip_ids = self.global_clip_ids.to(device)
+        return self
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-self.n_train_global // batch_size)
+
+    def local_batch(self, global_positions: np.ndarray, batch_size: int, world: int,
+                    device: torch.device | str) -> InteractionBatch:
+        """This worker's members of one global batch; the loss divides by B / W."""
+        local = self.local_of_global[global_positions]
+        local = torch.from_numpy(local[local >= 0]).to(self.train_users.device)
+        return InteractionBatch(self.train_users[local].to(device),
+                                self.train_videos[local].to(device),
+                                self.train_watched[local].to(device),
+                                denominator=len(global_positions) / world)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The global order of training interactions in ``epoch`` (1-based), identical on every
+    worker and on resume: the ``epoch``-th permutation drawn from ``default_rng(seed)``, which is
+    what the single-process trainer draws."""
+    rng = np.random.default_rng(seed)
+    for _ in range(epoch - 1):
+        rng.permutation(n)
+    return rng.permutation(n)
