@@ -39,7 +39,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from feature_store.frames import committed_video_ids, stored_identity
+from feature_store.frames import (
+    committed_video_ids,
+    frame_feature_moments,
+    read_clip_features,
+    stored_identity,
+)
 from feature_store.store import Store, StoreError, write_atomic
 from frame_dist.config import Config
 from frame_dist.graph import IdMap, build_graph, clip_labels, encode_interactions
@@ -139,6 +144,7 @@ def build_shards(cfg: Config, store: Store) -> dict[str, Any]:
     train_position = np.full(len(split), -1, dtype=np.int64)
     train_position[is_train] = np.arange(int(is_train.sum()))
 
+    mean, std = frame_feature_moments(store, videos.ids.to_pylist())
     gdir = graph_dir(n_clips)
     files: list[dict[str, Any]] = []
     shard_stats = []
@@ -165,6 +171,8 @@ def build_shards(cfg: Config, store: Store) -> dict[str, Any]:
         "video_ids": videos.ids.to_pylist(),
         "shards": shard_stats,
         "files": files,
+        "feature_mean": mean.tolist(),  # per-dimension moments of the grid frames, used to
+        "feature_std": std.tolist(),  # standardise clip features (load_clip_features)
         "fingerprint": fingerprint,
     }
     write_atomic(store.fs, store.path(gdir, "config.yaml"), cfg.to_yaml().encode())
@@ -226,6 +234,24 @@ def _write_shard(store: Store, gdir: str, shard: Shard) -> dict[str, str]:
         pq.write_table(table, store.path(gdir, fname), filesystem=store.fs)
         names[name] = fname
     return names
+
+
+def load_clip_features(store: Store, manifest: dict[str, Any], videos: np.ndarray
+                       ) -> np.ndarray:
+    """Standardised clip features of global video indices ``videos``: (len * N_c, D) float32.
+
+    f_c (eq. 1, the mean of the clip's grid frames) minus the mean and divided by the standard
+    deviation of the grid-frame features (per dimension, over every video of the graph; both
+    stored in the graph manifest). The encoder's raw scale (e.g. a randomly initialised trunk
+    gives feature norms in the hundreds) then never reaches the model's initialisation.
+    """
+    ids = [manifest["video_ids"][v] for v in np.asarray(videos, dtype=np.int64)]
+    features = read_clip_features(store, manifest["n_clips"], ids).features  # (V * N_c, D)
+    mean = np.asarray(manifest["feature_mean"], dtype=np.float32)
+    std = np.maximum(np.asarray(manifest["feature_std"], dtype=np.float32), 1e-6)
+    features -= mean
+    features /= std
+    return features
 
 
 def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, dict[str, Any]]:

@@ -35,7 +35,7 @@ from frame_dist.config import Config, ConfigError, from_dict
 from frame_dist.distributed import DistributedPropagation
 from frame_dist.metrics import all_metrics
 from frame_dist.model import FRAME
-from frame_dist.partition import check_graph, load_shards
+from frame_dist.partition import check_graph, load_clip_features, load_shards
 from frame_dist.trainer import build_loss, build_model
 from frame_dist.worker_data import WorkerData, epoch_permutation
 
@@ -78,8 +78,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from feature_store.frames import read_clip_features
-
     cfg = from_dict(loop_config["config"]).validate()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -90,8 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # --- data: my shards, my videos' clip features only
     n_shards = check_graph(store, n_clips, world)["n_shards"]
     shard, manifest = load_shards(store, n_clips, [k for k in range(n_shards) if k % world == rank])
-    video_ids = [manifest["video_ids"][v] for v in shard.video_ids]
-    features = read_clip_features(store, n_clips, video_ids).features
+    features = load_clip_features(store, manifest, shard.video_ids)
     data = WorkerData.from_shard(shard, n_clips, manifest["n_train"], features,
                                  with_negative=cfg.model.use_negative).to(device)
     group = dist.new_group(backend=dist.get_backend()) if world > 1 else None

@@ -1,0 +1,158 @@
+"""Exact data-parallel propagation: W = 2 gloo processes equal one process (no Ray here).
+
+A random interaction set is partitioned into 2 user shards in their local clip spaces, exactly
+as the graph stage does; each process computes the loss of its share of one global batch with
+DistributedPropagation; the summed gradients must equal the single-process gradients of the
+whole batch within 1e-5, and so must the loss.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from frame_dist.graph import adjacency, build_graph, clip_labels
+from frame_dist.loss import FRAMETrainTask, HybridLoss, InteractionBatch
+from frame_dist.model import FRAME
+from frame_dist.partition import Shard, partition_users
+from frame_dist.propagation import PropagationGraph
+from frame_dist.worker_data import WorkerData
+
+N_USERS, N_VIDEOS, N_C, F, DIM = 30, 12, 4, 16, 8
+
+
+def _world():
+    rng = np.random.default_rng(3)
+    n = 240
+    users = rng.integers(0, N_USERS, n)
+    videos = rng.integers(0, N_VIDEOS, n)
+    ratio = rng.uniform(0, 1.0, n)
+    full = rng.uniform(size=n) < 0.35
+    ratio[full] = 1.0
+    features = rng.normal(size=(N_VIDEOS * N_C, F)).astype(np.float32)
+    return users, videos, ratio, full, features
+
+
+def _shards(users, videos, ratio, full, n_shards):
+    graph = build_graph(users, videos, ratio, full, n_users=N_USERS, n_videos=N_VIDEOS,
+                        n_clips=N_C)
+    watched = clip_labels(ratio, full, N_C)
+    weights = np.diff(graph.pos_norm.indptr) + np.diff(graph.neg_norm.indptr)
+    shard_of = partition_users(weights, n_shards)
+    out = []
+    for k in range(n_shards):
+        rows = np.flatnonzero(shard_of == k)
+        mine = np.isin(users, rows)
+        vids = np.unique(videos[mine])
+        cols = (vids[:, None] * N_C + np.arange(N_C)).reshape(-1)
+        local_u = np.searchsorted(rows, users[mine])
+        local_v = np.searchsorted(vids, videos[mine])
+        train = {"user": local_u, "video": local_v, "watched": watched[mine],
+                 "label": full[mine].astype(np.int8), "order": np.flatnonzero(mine)}
+        empty = {key: np.zeros(0, np.int64) for key in train}
+        out.append(Shard(k, rows, vids, graph.pos_norm[rows][:, cols].tocsr(),
+                         graph.neg_norm[rows][:, cols].tocsr(), train, empty, empty))
+    return graph, watched, out
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return FRAME(F, dim=DIM, hidden=16)
+
+
+def _single_process(batch_positions):
+    users, videos, ratio, full, features = _world()
+    graph, watched, _ = _shards(users, videos, ratio, full, 1)
+    pg = PropagationGraph(adjacency(graph.pos_norm), adjacency(graph.neg_norm), N_C)
+    model = _model()
+    task = FRAMETrainTask(model, HybridLoss(1.0, 1.0, 1e-4), torch.from_numpy(features), pg)
+    idx = torch.as_tensor(batch_positions)
+    loss, _ = task(InteractionBatch(torch.as_tensor(users)[idx], torch.as_tensor(videos)[idx],
+                                    torch.as_tensor(watched)[idx]))
+    loss.backward()
+    return float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _worker(rank, world, port, batch_positions, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from frame_dist.distributed import DistributedPropagation
+
+        users, videos, ratio, full, features = _world()
+        _, _, shards = _shards(users, videos, ratio, full, world)
+        shard = shards[rank]
+        cols = (shard.video_ids[:, None] * N_C + np.arange(N_C)).reshape(-1)
+        data = WorkerData.from_shard(shard, N_C, len(users), features[cols])
+        prop = DistributedPropagation(data.global_clip_ids, dist.new_group(backend="gloo"))
+        model = _model()
+        model.propagation = prop
+        task = FRAMETrainTask(model, HybridLoss(1.0, 1.0, 1e-4), data.clip_features,
+                              data.graph)
+        batch = data.local_batch(np.asarray(batch_positions), len(batch_positions), world,
+                                 "cpu")
+        loss, _ = task(batch)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        for g in grads.values():  # what DeepSpeed does: average over the workers
+            dist.all_reduce(g)
+            g /= world
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        if rank == 0:
+            torch.save({"loss": float(total) / world, "grads": grads,
+                        "bytes": prop.bytes_sent, "local": len(batch)},
+                       os.path.join(out_dir, "result.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("batch", [np.arange(0, 240, 3), np.arange(240)])
+def test_two_workers_equal_one_process(tmp_path, batch):
+    expected_loss, expected_grads = _single_process(batch)
+    mp.spawn(_worker, args=(2, _free_port(), batch.tolist(), str(tmp_path)), nprocs=2)
+    got = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert got["loss"] == pytest.approx(expected_loss, abs=1e-5)
+    assert 0 < got["local"] < len(batch)  # each worker saw only its part of the batch
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    # communication: ids of the batch's clips plus two all-reduces of at most
+    # (union of the batch's clips) x d floats per graph, forward and backward
+    union_clips = len(np.unique(_world()[1][batch])) * N_C
+    bound = 2 * (2 * union_clips * DIM * 4) + 2 * 8 * (union_clips + 1)
+    assert 0 < got["bytes"] <= bound
+
+
+def test_shard_rows_cover_the_graph_exactly():
+    users, videos, ratio, full, _ = _world()
+    graph, _, shards = _shards(users, videos, ratio, full, 3)
+    rebuilt = sp.lil_matrix(graph.pos_norm.shape, dtype=np.float32)
+    for s in shards:
+        cols = (s.video_ids[:, None] * N_C + np.arange(N_C)).reshape(-1)
+        block = s.pos.toarray()
+        for i, row in enumerate(s.user_rows):
+            rebuilt[row, cols] = block[i]
+    np.testing.assert_array_equal(rebuilt.toarray(), graph.pos_norm.toarray())
+    assert sorted(np.concatenate([s.user_rows for s in shards]).tolist()) == list(range(N_USERS))
+
+
+def test_partition_balances_edges():
+    weights = np.random.default_rng(0).integers(1, 100, 1000)
+    shard = partition_users(weights, 4)
+    loads = np.bincount(shard, weights=weights, minlength=4)
+    assert loads.max() - loads.min() <= weights.max()
+    assert np.bincount(shard).tolist() == [250] * 4
