@@ -110,16 +110,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # --- resume
     state = {"epoch": 1, "step": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0,
-             "stale": 0, "done": False, "history": []}
+             "stale": 0, "done": False, "history": [], "resumes": []}
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is None:
+        _log(rank, f"run {cfg.train.run_name}: no registered checkpoint, starting at epoch 1")
+    else:
         with checkpoint.as_directory() as ckpt_dir:
             path, client = engine.load_checkpoint(ckpt_dir, tag=STATE_TAG)
             if path is None or "frame" not in (client or {}):
                 raise RuntimeError(f"rank {rank}: checkpoint {ckpt_dir} could not be loaded; "
                                    "refusing to restart the run from scratch")
             state = client["frame"]
+            state["resumes"] = [*state.get("resumes", []), state["global_step"]]
             best_state = torch.load(os.path.join(ckpt_dir, BEST_FILE), map_location="cpu",
                                     weights_only=True)
         _log(rank, f"resumed at epoch {state['epoch']} step {state['step']} "
@@ -141,13 +144,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         propagation.reset_bytes()
         engine.train()
         for step in range(state["step"], steps):
-            batch = data.local_batch(order[step * batch_size:(step + 1) * batch_size],
-                                     batch_size, world, device)
+            positions = order[step * batch_size:(step + 1) * batch_size]
+            batch = data.local_batch(positions, batch_size, world, device)
             with autocast:
                 loss, _ = engine(batch)
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().float() / world
+            loss_sum += loss.detach().float() * (len(positions) / world)  # sum of batch losses
             state["step"], state["global_step"] = step + 1, state["global_step"] + 1
             every = cfg.train.checkpoint_every_steps
             if every and state["global_step"] % every == 0 and step + 1 < steps:
@@ -156,7 +159,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if world > 1:
             dist.all_reduce(loss_sum)
         valid = evaluate_split(model, data, "valid", cfg.evaluate.ks, autocast)
-        entry = {"epoch": epoch, "loss": float(loss_sum) / max(steps - 0, 1),
+        entry = {"epoch": epoch, "loss": float(loss_sum) / n_train,  # per interaction
                  "seconds": time.perf_counter() - start,
                  "propagation_bytes_per_step": bytes_sent / max(steps, 1), "valid": valid}
         state["history"].append(entry)
@@ -221,6 +224,7 @@ def write_outputs(cfg: Config, store: Store, model: FRAME, state: dict[str, Any]
     metrics = {"test": test, "best_epoch": state["best_epoch"],
                "valid": history[state["best_epoch"] - 1]["valid"] if state["best_epoch"] else {},
                "global_step": state["global_step"], "epochs_run": len(history),
+               "resumed_at_steps": state["resumes"],
                "history": history, "n_clips": cfg.graph.n_clips,
                "workers": cfg.train.workers}
     store.write_json(f"{rdir}/metrics.json", metrics)

@@ -1,0 +1,189 @@
+"""Ray Train + DeepSpeed training against a real local Ray instance.
+
+The store holds a tiny synthetic world (real ingest) whose frame features are written directly
+(one fixed random vector per visual topic plus noise, at the world's true scene timeline), so
+training has something to learn without spending the test's time in the ResNet trunk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from feature_store.frames import commit_frame_parts, frame_features_table, write_frame_part
+from feature_store.store import Store, StoreError
+from frame_dist.config import ConfigError, load_config
+from frame_dist.partition import (
+    PartitionError,
+    build_shards,
+    check_graph,
+    load_clip_features,
+    load_shards,
+)
+from frame_dist.train_loop import check_trainable, run_training
+from frame_dist.trainer import EvalData, TrainData, build_model, train
+from frame_dist.worker_data import WorkerData
+from jobs import ingest as ingest_job
+
+pytestmark = pytest.mark.slow
+GRID = 8
+BASE = ["world.preset=custom", "world.n_users=24", "world.n_videos=10",
+        "world.interactions_per_user=12", "world.min_duration_s=1", "world.max_duration_s=2",
+        f"extract.grid_size={GRID}", "graph.n_clips=4", "graph.n_shards=2",
+        "model.dim=16", "model.hidden=32", "train.batch_size=64", "train.epochs=3",
+        "train.patience=10", "train.seed=7"]
+
+
+def _write_topic_features(store: Store, world_dir) -> None:
+    scenes = store.table("scenes").read().to_pandas()
+    videos = store.table("videos").read().to_pandas()
+    rng = np.random.default_rng(0)
+    topics = rng.normal(size=(int(scenes["topic"].max()) + 1, 2048))
+    ids = videos["video_id"].tolist()
+    times = np.zeros((len(ids), GRID))
+    feats = np.zeros((len(ids), GRID, 2048), np.float32)
+    for i, vid in enumerate(ids):  # test data setup: a handful of videos
+        sc = scenes[scenes["video_id"] == vid]
+        duration = sc["end_s"].max()
+        times[i] = (np.arange(GRID) + 0.5) * duration / GRID
+        topic = [int(sc[(sc["start_s"] <= t) & (t < sc["end_s"])]["topic"].iloc[0])
+                 for t in times[i]]
+        feats[i] = topics[topic] * 3 + 5 + rng.normal(size=(GRID, 2048))
+    part = write_frame_part(store, frame_features_table(ids, times, feats), ids)
+    commit_frame_parts(store, [part], {"weights": "test-topics", "grid_size": GRID,
+                                       "dim": 2048, "image_size": 0})
+
+
+@pytest.fixture(scope="module")
+def store_cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    overrides = [*BASE, f"store.root={root}/store", f"world.out_dir={root}/world"]
+    assert ingest_job.main(overrides) == 0
+    cfg = load_config(None, overrides)
+    store = Store.from_config(cfg.store)
+    _write_topic_features(store, root / "world")
+    build_shards(cfg, store)
+    return cfg, store, overrides
+
+
+def _single_process(cfg, store):
+    """The plain-torch trainer on the merged shards, batches in the global training order."""
+    shard, manifest = load_shards(store, cfg.graph.n_clips, [0, 1])
+    features = load_clip_features(store, manifest, shard.video_ids)
+    data = WorkerData.from_shard(shard, cfg.graph.n_clips, manifest["n_train"], features)
+    order = np.argsort(shard.train["order"])
+    t, v = shard.train, shard.valid
+    model = build_model(cfg.model, features.shape[1], seed=cfg.train.seed)
+    result = train(model, data.clip_features, data.graph,
+                   TrainData(t["user"][order], t["video"][order], t["watched"][order]),
+                   EvalData(v["user"], v["video"], v["label"].astype(np.int64)), cfg.train)
+    return result
+
+
+def _run(overrides, **extra):
+    cfg = load_config(None, [*overrides, *[f"{k}={v}" for k, v in extra.items()]])
+    return cfg, run_training(cfg, Store.from_config(cfg.store))
+
+
+def _weights(store, run_name):
+    return torch.load(store.path(f"runs/{run_name}/model.pt").replace("file://", ""),
+                      weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, store_cfg):
+    """An uninterrupted W = 2 run, shared by the parity and the fault test."""
+    return _run(store_cfg[2], **{"train.workers": 2, "train.run_name": "w2"})[1]
+
+
+def test_parity_one_two_workers_and_single_process(ray_local, store_cfg, two_worker_run):
+    cfg, store, overrides = store_cfg
+    _, m1 = _run(overrides, **{"train.workers": 1, "train.run_name": "w1"})
+    m2 = two_worker_run
+    single = _single_process(cfg, store)
+
+    assert m1["epochs_run"] == m2["epochs_run"] == 3
+    for e1, e2, es in zip(m1["history"], m2["history"], single.history):
+        assert e1["loss"] == pytest.approx(es["loss"], abs=1e-5)
+        assert e2["loss"] == pytest.approx(es["loss"], abs=1e-5)
+        assert e2["valid"]["auc"] == pytest.approx(es["valid"]["auc"], abs=1e-5)
+    w1, w2 = _weights(store, "w1"), _weights(store, "w2")
+    for name, expected in single.best_state.items():
+        torch.testing.assert_close(w1[name], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(w2[name], expected, atol=1e-5, rtol=1e-5)
+    assert m2["test"]["auc"] == pytest.approx(m1["test"]["auc"], abs=1e-5)
+    assert m2["history"][0]["propagation_bytes_per_step"] > 0  # the all-reduce really ran
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, store_cfg, two_worker_run):
+    from ray._private import state as ray_state
+
+    cfg, store, overrides = store_cfg
+    name = "fault"
+    runs = store.path("runs", name)
+    killed: list[int] = []
+
+    def registered_checkpoint() -> bool:
+        # a checkpoint folder appears while it uploads; Ray Train restores only the ones its
+        # controller registered, which it records in this snapshot
+        snapshot = os.path.join(runs, "checkpoint_manager_snapshot.json")
+        return os.path.exists(snapshot) and "checkpoint_" in open(snapshot).read()
+
+    def kill_one_worker_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if registered_checkpoint():
+                for actor in ray_state.actors().values():
+                    if (actor["ActorClassName"].endswith("RayTrainWorker")
+                            and actor["State"] == "ALIVE"):
+                        os.kill(actor["Pid"], signal.SIGKILL)
+                        killed.append(actor["Pid"])
+                        return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    _, metrics = _run(overrides, **{"train.workers": 2, "train.run_name": name,
+                                    "train.checkpoint_every_steps": 2})
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    assert metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] > 0
+    steps = metrics["global_step"]
+    assert steps == 3 * -(-store.read_json("graphs/nc=4/_manifest.json")["n_train"] // 64)
+    # exact resume: the same weights as an uninterrupted run with the same settings
+    assert metrics["test"]["auc"] == pytest.approx(two_worker_run["test"]["auc"], abs=1e-5)
+    for key, value in _weights(store, "w2").items():
+        torch.testing.assert_close(_weights(store, name)[key], value, atol=1e-5, rtol=1e-5)
+
+    # launching the finished run again resumes it (no training from scratch)
+    _, again = _run(overrides, **{"train.workers": 2, "train.run_name": name,
+                                  "train.checkpoint_every_steps": 2})
+    assert again["global_step"] == steps
+    assert again["resumed_at_steps"][-1] == steps
+
+
+def test_refused_before_training(store_cfg, tmp_path):
+    cfg, store, overrides = store_cfg
+    with pytest.raises(PartitionError, match=r"train.workers=3 exceeds the 2 shard\(s\)"):
+        check_graph(store, 4, 3)
+    with pytest.raises(PartitionError, match="no committed graph for N_c=2"):
+        check_trainable(load_config(None, [*overrides, "graph.n_clips=2"]), store)
+    with pytest.raises(ConfigError, match="graph.n_clips=3 must divide extract.grid_size=8"):
+        load_config(None, [*overrides, "graph.n_clips=3"])
+    with pytest.raises(ConfigError, match="train.workers=3 exceeds graph.n_shards=2"):
+        load_config(None, [*overrides, "train.workers=3"])
+    # a shard file lost after the commit
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store.path(), copy)
+    manifest = Store(str(copy)).read_json("graphs/nc=4/_manifest.json")
+    os.remove(copy / "graphs/nc=4" / manifest["files"][1]["neg"])
+    with pytest.raises(StoreError, match="graph shard 1 is missing its neg file"):
+        check_graph(Store(str(copy)), 4, 2)
