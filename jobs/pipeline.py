@@ -17,11 +17,14 @@ from frame_dist.config import Config
 
 
 def stages(cfg: Config) -> list[tuple[str, object]]:
-    from jobs import extract, ingest
+    from jobs import evaluate, extract, graph, ingest, train
 
     return [
         ("ingest", lambda: ingest.ingest(cfg)),
         ("extract", lambda: extract.extract(cfg)),
+        ("graph", lambda: graph.graph(cfg)),
+        ("train", lambda: train.train(cfg)),
+        ("evaluate", lambda: evaluate.evaluate(cfg)),
     ]
 
 

@@ -187,3 +187,19 @@ def test_refused_before_training(store_cfg, tmp_path):
     os.remove(copy / "graphs/nc=4" / manifest["files"][1]["neg"])
     with pytest.raises(StoreError, match="graph shard 1 is missing its neg file"):
         check_graph(Store(str(copy)), 4, 2)
+
+
+def test_evaluate_stage_matches_training_and_reports_oracle(store_cfg, two_worker_run):
+    from frame_dist.evaluate import evaluate_run, metrics_table
+
+    cfg, store, overrides = store_cfg
+    result = evaluate_run(load_config(None, [*overrides, "train.run_name=w2"]), store)
+    for key, value in two_worker_run["test"].items():  # rebuilt from model.pt alone
+        assert result["model"][key] == pytest.approx(value, abs=1e-5), key
+    oracle = result["oracle"]
+    assert oracle["n"] == result["model"]["n"] > 0
+    assert 0.5 < oracle["auc"] <= 1.0
+    table = metrics_table(result)
+    assert table.splitlines()[2].startswith("| model | ")
+    assert table.splitlines()[3].startswith("| oracle | ")
+    assert store.read_json("runs/w2/evaluation.json") == result

@@ -1,0 +1,105 @@
+"""Stage [evaluate]: a trained run's metrics on the test split, next to the oracle's.
+
+Rebuilds the model from ``<store>/runs/<run>/model.pt`` alone (model arguments + weights),
+propagates once over the whole committed graph (every shard merged: the single-process path,
+fine up to millions of edges; the training stage computes the same metrics distributed), scores
+the test interactions of the ``interactions`` table and computes AUC, Logloss, Recall@K and
+NDCG@K (``frame_dist.metrics``). Where the store has the synthetic world's ``truth`` table, the
+**oracle** (the true full-watch probability of every test interaction) is scored with the same
+metrics: the ceiling any model can reach on this data. Writes ``evaluation.json`` beside the
+run's checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from feature_store.store import Store, StoreError
+from frame_dist.config import Config
+from frame_dist.graph import IdMap, encode_interactions
+from frame_dist.metrics import all_metrics
+from frame_dist.model import FRAME
+from frame_dist.partition import load_clip_features, load_shards, read_graph_manifest
+from frame_dist.trainer import predict
+from frame_dist.worker_data import WorkerData
+
+
+def load_trained_model(store: Store, run_name: str) -> tuple[FRAME, dict[str, Any]]:
+    """FRAME rebuilt from a run's model.pt (weights_only load) and the config that trained it."""
+    path = f"runs/{run_name}/model.pt"
+    if not store.exists(path):
+        raise StoreError(f"no trained model at {store.uri(path)}: run the train stage first "
+                         f"(train.run_name={run_name})")
+    with store.fs.open(store.path(path), "rb") as f:
+        saved = torch.load(f, map_location="cpu", weights_only=True)
+    model = FRAME(**saved["model_args"])
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    return model, saved["config"]
+
+
+def whole_graph(store: Store, n_clips: int, use_negative: bool = True
+                ) -> tuple[WorkerData, dict[str, Any]]:
+    """Every shard of the committed graph merged into one process's WorkerData."""
+    manifest = read_graph_manifest(store, n_clips)
+    if manifest is None:
+        raise StoreError(f"no committed graph for N_c={n_clips}: run the graph stage first")
+    shard, manifest = load_shards(store, n_clips, list(range(manifest["n_shards"])))
+    features = load_clip_features(store, manifest, shard.video_ids)
+    data = WorkerData.from_shard(shard, n_clips, manifest["n_train"], features,
+                                 with_negative=use_negative)
+    return data, manifest
+
+
+def split_pairs(store: Store, data: WorkerData, manifest: dict[str, Any], split: str
+                ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Rows of ``split`` with graph indices: (table rows, local users, local videos)."""
+    table = store.table("interactions").read()
+    table = table.filter(pc.equal(table["split"], split))
+    table = table.filter(pc.is_in(table["video_id"], pa.array(manifest["video_ids"])))
+    users = IdMap(manifest["user_ids"], name="user_id")
+    videos = IdMap(manifest["video_ids"], name="video_id")
+    enc = encode_interactions(table, users, videos, split=None, where=f"interactions[{split}]")
+    local_user = np.full(len(users), -1, dtype=np.int64)
+    local_user[data.user_rows] = np.arange(len(data.user_rows))
+    local_video = np.searchsorted(data.video_ids, enc.video_idx)
+    return table.to_pandas(), local_user[enc.user_idx], local_video
+
+
+def evaluate_run(cfg: Config, store: Store) -> dict[str, Any]:
+    """Test metrics of ``cfg.train.run_name`` (and the oracle's); writes evaluation.json."""
+    model, trained_cfg = load_trained_model(store, cfg.train.run_name)
+    n_clips = trained_cfg["graph"]["n_clips"]
+    data, manifest = whole_graph(store, n_clips, model.use_negative)
+    rows, users, videos = split_pairs(store, data, manifest, "test")
+    logits = predict(model, data.clip_features, data.graph, users, videos)
+    labels = rows["full_watch"].to_numpy().astype(np.int64)
+    result: dict[str, Any] = {
+        "run": cfg.train.run_name, "n_clips": n_clips,
+        "model": all_metrics(users, labels, logits, cfg.evaluate.ks),
+    }
+    if store.table("truth").exists():
+        truth = store.table("truth").read().to_pandas()
+        joined = rows.merge(truth, on=["user_id", "video_id", "timestamp"], how="left")
+        if joined["p_full"].notna().all():
+            p = joined["p_full"].to_numpy().clip(1e-7, 1 - 1e-7)
+            result["oracle"] = all_metrics(users, labels, np.log(p / (1 - p)), cfg.evaluate.ks)
+    store.write_json(f"runs/{cfg.train.run_name}/evaluation.json", result)
+    return result
+
+
+def metrics_table(result: dict[str, Any]) -> str:
+    """The evaluation as a markdown table (model and, where known, oracle)."""
+    names = [k for k in result["model"] if k not in ("n", "positives", "ranked_users")]
+    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for who in ("model", "oracle"):
+        if who in result:
+            lines.append(f"| {who} | " + " | ".join(f"{result[who][k]:.4f}" for k in names)
+                         + " |")
+    return "\n".join(lines)
