@@ -62,6 +62,29 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     }
 
 
+def run_fingerprint(cfg: Config, graph_manifest: dict[str, Any]) -> str:
+    """Identity of a training run: the graph it trains on and every model/train setting."""
+    import dataclasses
+    import hashlib
+
+    train = dataclasses.asdict(cfg.train)
+    for operational in ("max_failures", "checkpoint_every_steps"):  # no effect on the result
+        train.pop(operational)
+    parts = {"graph": graph_manifest["fingerprint"], "model": dataclasses.asdict(cfg.model),
+             "train": train}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def finished_run(cfg: Config, store: Store) -> dict[str, Any] | None:
+    """The metrics of a finished run with exactly these inputs and settings, else None."""
+    path = f"{run_dir(cfg)}/metrics.json"
+    manifest = check_graph(store, cfg.graph.n_clips, cfg.train.workers)
+    if not store.exists(path):
+        return None
+    metrics = store.read_json(path)
+    return metrics if metrics.get("fingerprint") == run_fingerprint(cfg, manifest) else None
+
+
 def check_trainable(cfg: Config, store: Store) -> dict[str, Any]:
     """Everything that can be refused before a worker starts."""
     if not cfg.model.use_visual or cfg.model.trainable_clip_features:
@@ -86,7 +109,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     n_clips = cfg.graph.n_clips
 
     # --- data: my shards, my videos' clip features only
-    n_shards = check_graph(store, n_clips, world)["n_shards"]
+    graph_manifest = check_graph(store, n_clips, world)
+    n_shards = graph_manifest["n_shards"]
     shard, manifest = load_shards(store, n_clips, [k for k in range(n_shards) if k % world == rank])
     features = load_clip_features(store, manifest, shard.video_ids)
     data = WorkerData.from_shard(shard, n_clips, manifest["n_train"], features,
@@ -110,7 +134,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # --- resume
     state = {"epoch": 1, "step": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0,
-             "stale": 0, "done": False, "history": [], "resumes": []}
+             "stale": 0, "done": False, "history": [], "resumes": [],
+             "fingerprint": run_fingerprint(cfg, graph_manifest)}
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -180,7 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model.load_state_dict(best_state)
     test = evaluate_split(model, data, "test", cfg.evaluate.ks, autocast)
     if rank == 0:
-        write_outputs(cfg, store, model, state, test)
+        write_outputs(cfg, store, model, state, test, state["fingerprint"])
     ray.train.report({"test_" + k: v for k, v in test.items()} |
                      {"global_step": state["global_step"]})
 
@@ -210,7 +235,7 @@ def evaluate_split(model: FRAME, data: WorkerData, split: str, ks, autocast) -> 
 
 
 def write_outputs(cfg: Config, store: Store, model: FRAME, state: dict[str, Any],
-                  test: dict[str, float]) -> None:
+                  test: dict[str, float], fingerprint: str) -> None:
     """model.pt (arguments + best weights + config) and metrics.json beside the checkpoints."""
     import io
 
@@ -226,7 +251,7 @@ def write_outputs(cfg: Config, store: Store, model: FRAME, state: dict[str, Any]
                "global_step": state["global_step"], "epochs_run": len(history),
                "resumed_at_steps": state["resumes"],
                "history": history, "n_clips": cfg.graph.n_clips,
-               "workers": cfg.train.workers}
+               "workers": cfg.train.workers, "fingerprint": fingerprint}
     store.write_json(f"{rdir}/metrics.json", metrics)
     store.write_bytes_atomic(f"{rdir}/config.yaml", cfg.to_yaml().encode())
 
@@ -246,7 +271,8 @@ def run_training(cfg: Config, store: Store) -> dict[str, Any]:
 
     from frame_dist.ray_runtime import cluster_has_gpus
 
-    check_trainable(cfg, store)
+    manifest = check_trainable(cfg, store)
+    claim_run(cfg, store, run_fingerprint(cfg, manifest))
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_has_gpus()
     storage_path, storage_fs = _run_storage(store)
     trainer = TorchTrainer(
@@ -261,6 +287,24 @@ def run_training(cfg: Config, store: Store) -> dict[str, Any]:
     )
     trainer.fit()
     return json.loads(store.read_bytes(f"{run_dir(cfg)}/metrics.json"))
+
+
+def claim_run(cfg: Config, store: Store, fingerprint: str) -> None:
+    """Record which inputs and settings own ``runs/<run_name>``; refuse a different claim.
+
+    Ray Train resumes any run with the same name from its latest checkpoint, so a relaunch with
+    another graph or other settings must be refused before it starts, not silently mixed.
+    """
+    path = f"{run_dir(cfg)}/run.json"
+    if store.exists(path):
+        owner = store.read_json(path)
+        if owner.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"run {cfg.train.run_name!r} in {store.uri(run_dir(cfg))} was started with "
+                "another graph or other model/train settings; resuming it would mix them. "
+                "Choose another train.run_name, or delete that folder to start over.")
+        return
+    store.write_json(path, {"fingerprint": fingerprint, "config": cfg.to_dict()})
 
 
 def _run_storage(store: Store):

@@ -16,14 +16,18 @@ from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
 from frame_dist.ray_runtime import init_ray
-from frame_dist.train_loop import check_trainable, run_training
+from frame_dist.train_loop import check_trainable, finished_run, run_training
 
 
 def train(cfg: Config) -> dict:
     store = Store.from_config(cfg.store)
     check_trainable(cfg, store)  # refuse before any cluster time is spent
-    init_ray()
-    metrics = run_training(cfg, store)
+    metrics = finished_run(cfg, store)
+    if metrics is not None:
+        print(f"train: skipped (run {cfg.train.run_name} finished with these inputs and settings)")
+    else:
+        init_ray()
+        metrics = run_training(cfg, store)
     test = metrics["test"]
     print(f"train: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; test "
           + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))

@@ -166,6 +166,9 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, store_cfg, two_worker_
                                   "train.checkpoint_every_steps": 2})
     assert again["global_step"] == steps
     assert again["resumed_at_steps"][-1] == steps
+    # ... but not with other settings: refused before any worker starts
+    with pytest.raises(ConfigError, match="was started with another graph or other model/train"):
+        _run(overrides, **{"train.workers": 2, "train.run_name": name, "train.lr": 0.01})
 
 
 def test_refused_before_training(store_cfg, tmp_path):
