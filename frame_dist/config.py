@@ -121,6 +121,7 @@ class TrainConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
     patience: int = 3  # early stopping on validation AUC (epochs without improvement)
     checkpoint_every_steps: int = 0  # 0: only at the end of every epoch
+    steps_per_epoch: int = 0  # 0: a full pass; else cut epochs short (smoke runs, benchmarks)
     max_failures: int = 2  # Ray Train FailureConfig
 
 
@@ -243,7 +244,8 @@ def _validate_ranges(cfg: Config) -> None:
     t = cfg.train
     for name in ("epochs", "batch_size", "lr", "workers", "patience"):
         _positive(e, f"train.{name}", getattr(t, name))
-    for name in ("alpha", "beta", "l2", "grad_clip", "checkpoint_every_steps", "max_failures"):
+    for name in ("alpha", "beta", "l2", "grad_clip", "checkpoint_every_steps", "max_failures",
+                 "steps_per_epoch"):
         _non_negative(e, f"train.{name}", getattr(t, name))
     if t.alpha == 0 and t.beta == 0:
         e.append("train.alpha and train.beta are both 0: nothing to train")

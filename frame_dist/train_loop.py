@@ -162,13 +162,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     batch_size, n_train = cfg.train.batch_size, data.n_train_global
     steps = data.steps_per_epoch(batch_size)
+    if cfg.train.steps_per_epoch:
+        steps = min(steps, cfg.train.steps_per_epoch)
     while not state["done"] and state["epoch"] <= cfg.train.epochs:
         epoch = state["epoch"]
         order = epoch_permutation(cfg.train.seed, epoch, n_train)
         start, loss_sum, bytes_sent = time.perf_counter(), torch.zeros((), device=device), 0
         propagation.reset_bytes()
         engine.train()
-        for step in range(state["step"], steps):
+        first_step, seen = state["step"], 0
+        for step in range(first_step, steps):
             positions = order[step * batch_size:(step + 1) * batch_size]
             batch = data.local_batch(positions, batch_size, world, device)
             with autocast:
@@ -176,17 +179,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float() * (len(positions) / world)  # sum of batch losses
+            seen += len(positions)
             state["step"], state["global_step"] = step + 1, state["global_step"] + 1
             every = cfg.train.checkpoint_every_steps
             if every and state["global_step"] % every == 0 and step + 1 < steps:
                 save({"epoch": epoch, "global_step": state["global_step"]})
         bytes_sent = propagation.reset_bytes()
+        train_seconds = time.perf_counter() - start
         if world > 1:
             dist.all_reduce(loss_sum)
         valid = evaluate_split(model, data, "valid", cfg.evaluate.ks, autocast)
-        entry = {"epoch": epoch, "loss": float(loss_sum) / n_train,  # per interaction
-                 "seconds": time.perf_counter() - start,
-                 "propagation_bytes_per_step": bytes_sent / max(steps, 1), "valid": valid}
+        entry = {"epoch": epoch,  # loss per interaction, as the single-process trainer's
+                 "loss": float(loss_sum) / max(seen, 1),
+                 "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
+                 "steps": steps - first_step,
+                 "peak_rss_mb": _peak_rss_mb(world),
+                 "propagation_bytes_per_step": bytes_sent / max(steps - first_step, 1),
+                 "valid": valid}
         state["history"].append(entry)
         if valid.get("auc", -1.0) > state["best_auc"]:
             state.update(best_auc=valid["auc"], best_epoch=epoch, stale=0)
@@ -254,6 +263,18 @@ def write_outputs(cfg: Config, store: Store, model: FRAME, state: dict[str, Any]
                "workers": cfg.train.workers, "fingerprint": fingerprint}
     store.write_json(f"{rdir}/metrics.json", metrics)
     store.write_bytes_atomic(f"{rdir}/config.yaml", cfg.to_yaml().encode())
+
+
+def _peak_rss_mb(world: int) -> list[float]:
+    """Peak resident memory of every worker process (MiB), gathered to all ranks."""
+    import resource
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    if world == 1:
+        return [mine]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone
 
 
 def _log(rank: int, message: str) -> None:
