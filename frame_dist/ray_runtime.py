@@ -6,11 +6,13 @@ import os
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the Ray cluster this process belongs to, or start a local one.
+    """Join the Ray cluster named by ``RAY_ADDRESS``, or start a local instance.
 
-    Under ``ray job submit`` (RAY_ADDRESS set, or a running cluster) this connects to it; on a
-    laptop with no cluster it starts a local instance bound to 127.0.0.1 (its dashboard, which
-    Ray Train's state queries use, listens on 127.0.0.1 only).
+    ``ray job submit`` sets ``RAY_ADDRESS`` for the job's driver, so submitted jobs run on their
+    cluster; on a cluster node, ``RAY_ADDRESS=auto python -m jobs.X`` joins the node's cluster.
+    Without it a fresh local instance starts, bound to 127.0.0.1 (its dashboard, which Ray
+    Train's state queries use, listens on 127.0.0.1 only): never another user's cluster that
+    happens to run on the same machine.
     """
     import ray
 
@@ -19,11 +21,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def cluster_has_gpus() -> bool:
