@@ -17,7 +17,7 @@ from frame_dist.config import Config
 
 
 def stages(cfg: Config) -> list[tuple[str, object]]:
-    from jobs import evaluate, extract, graph, ingest, train
+    from jobs import evaluate, extract, graph, ingest, score, train
 
     return [
         ("ingest", lambda: ingest.ingest(cfg)),
@@ -25,6 +25,7 @@ def stages(cfg: Config) -> list[tuple[str, object]]:
         ("graph", lambda: graph.graph(cfg)),
         ("train", lambda: train.train(cfg)),
         ("evaluate", lambda: evaluate.evaluate(cfg)),
+        ("score", lambda: score.score(cfg)),
     ]
 
 

@@ -1,0 +1,423 @@
+"""Batch scoring (frame_dist/scoring.py, jobs/score.py): top-K lists of every user.
+
+One tiny store for the module: the synthetic world of tests/test_train_loop.py (real ingest),
+frame features written directly (one random vector per visual topic plus noise), with three
+edits that give every edge case a user: two users lose their training rows (cold users: only
+test rows), a ``ghost`` user watched only a video that has no frame features (absent from the
+graph), and that video is therefore not a candidate. A small FRAME is trained with the
+single-process trainer and saved as ``runs/tiny/model.pt`` by the training stage's own writer.
+
+The reference is the model's own forward pass (``FRAME.score_pairs`` on the merged shards, in
+the graph's local spaces) for every (user, video) pair, sorted per user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_train_loop import BASE, GRID  # tests/ is on sys.path under pytest
+
+from feature_store.frames import commit_frame_parts, frame_features_table, write_frame_part
+from feature_store.store import Store, StoreError
+from frame_dist.config import load_config
+from frame_dist.model import FRAME
+from frame_dist.partition import build_shards, load_clip_features, load_shards
+from frame_dist.scoring import (
+    FAULT_ENV,
+    SCORES_TABLE,
+    FusedScorer,
+    ScoreError,
+    fuse_tables,
+    prepare_scoring,
+    read_scores,
+    run_scoring,
+)
+from frame_dist.train_loop import write_outputs
+from frame_dist.trainer import EvalData, TrainData, build_model, train
+from frame_dist.worker_data import WorkerData
+from jobs import ingest as ingest_job
+from jobs import score as score_job
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "tiny"
+COLD = ["u0003", "u0011"]  # lose their training rows
+GHOST = "ghost"  # interacts only with NO_FEATURES
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: extra OpenMP threads only add barrier waits on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_features(store: Store, skip: str) -> None:
+    """Frame features of every video but ``skip``: topic vector x 3 + 5 + noise per grid frame."""
+    scenes = store.table("scenes").read().to_pandas()
+    ids = [v for v in store.table("videos").read()["video_id"].to_pylist() if v != skip]
+    rng = np.random.default_rng(0)
+    topics = rng.normal(size=(int(scenes["topic"].max()) + 1, 2048))
+    times = np.zeros((len(ids), GRID))
+    feats = np.zeros((len(ids), GRID, 2048), np.float32)
+    for i, vid in enumerate(ids):  # test data setup: a handful of videos
+        sc = scenes[scenes["video_id"] == vid]
+        times[i] = (np.arange(GRID) + 0.5) * sc["end_s"].max() / GRID
+        topic = [int(sc[(sc["start_s"] <= t) & (t < sc["end_s"])]["topic"].iloc[0])
+                 for t in times[i]]
+        feats[i] = topics[topic] * 3 + 5 + rng.normal(size=(GRID, 2048))
+    part = write_frame_part(store, frame_features_table(ids, times, feats), ids)
+    commit_frame_parts(store, [part], {"weights": "test-topics", "grid_size": GRID,
+                                       "dim": 2048, "image_size": 0})
+
+
+def _edit_interactions(store: Store, no_features: str) -> None:
+    """COLD users keep only test rows; GHOST watched only ``no_features``."""
+    table = store.table("interactions").read()
+    cold = pc.is_in(table["user_id"], pa.array(COLD))
+    split = pc.if_else(cold, pa.scalar("test"), table["split"])
+    table = table.set_column(table.schema.get_field_index("split"), "split", split)
+    ghost = table.slice(0, 1).to_pylist()[0] | {
+        "user_id": GHOST, "video_id": no_features, "split": "train",
+        "source_row": int(pc.max(table["source_row"]).as_py()) + 1}
+    table = pa.concat_tables([table, pa.Table.from_pylist([ghost], schema=table.schema)])
+    store.table("interactions").write(table)
+
+
+def _train_and_save(cfg, store: Store) -> None:
+    """Single-process training (2 epochs), saved with the training stage's writer."""
+    shard, manifest = load_shards(store, cfg.graph.n_clips, [0, 1])
+    features = load_clip_features(store, manifest, shard.video_ids)
+    data = WorkerData.from_shard(shard, cfg.graph.n_clips, manifest["n_train"], features)
+    order = np.argsort(shard.train["order"])
+    t, v = shard.train, shard.valid
+    model = build_model(cfg.model, features.shape[1], seed=cfg.train.seed)
+    result = train(model, data.clip_features, data.graph,
+                   TrainData(t["user"][order], t["video"][order], t["watched"][order]),
+                   EvalData(v["user"], v["video"], v["label"].astype(np.int64)), cfg.train)
+    model.load_state_dict(result.best_state)
+    state = {"history": result.history, "best_epoch": result.best_epoch, "global_step": 0,
+             "resumes": []}
+    write_outputs(cfg, store, model, state, {}, "test-fingerprint")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    overrides = [*BASE, f"store.root={root}/store", f"world.out_dir={root}/world",
+                 f"train.run_name={RUN}", "train.epochs=2", "score.top_k=3",
+                 "score.users_per_chunk=5"]
+    assert ingest_job.main(overrides) == 0
+    cfg = load_config(None, overrides)
+    store = Store.from_config(cfg.store)
+    no_features = sorted(store.table("videos").read()["video_id"].to_pylist())[-1]
+    _edit_interactions(store, no_features)
+    _write_features(store, skip=no_features)
+    build_shards(cfg, store)
+    _train_and_save(cfg, store)
+    return cfg, store, overrides, no_features
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    """Every (user, video) score by the model's forward pass, and the training pairs."""
+    cfg, store, _, _ = world
+    saved = torch.load(store.path(f"runs/{RUN}/model.pt"), weights_only=True)
+    model = FRAME(**saved["model_args"])
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    shard, manifest = load_shards(store, cfg.graph.n_clips, [0, 1])
+    features = load_clip_features(store, manifest, shard.video_ids)
+    data = WorkerData.from_shard(shard, cfg.graph.n_clips, manifest["n_train"], features)
+    m, n = shard.n_users, len(shard.video_ids)
+    users = torch.arange(m).repeat_interleave(n)
+    videos = torch.arange(n).repeat(m)
+    with torch.no_grad():
+        logits = model.score_pairs(data.clip_features, data.graph, users, videos).view(m, n)
+    user_ids = [manifest["user_ids"][u] for u in shard.user_rows]
+    video_ids = [manifest["video_ids"][v] for v in shard.video_ids]
+    scores = {(user_ids[i], video_ids[j]): float(logits[i, j]) for i in range(m)
+              for j in range(n)}
+    seen = {(user_ids[u], video_ids[v]) for u, v in zip(shard.train["user"],
+                                                        shard.train["video"])}
+    return scores, seen, sorted(user_ids), sorted(video_ids)
+
+
+def _lists(table: pa.Table) -> dict[str, list[tuple[str, float]]]:
+    """user -> [(video, score)] in rank order; checks ranks are 1..n."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    rows = table.sort_by([("user_id", "ascending"), ("rank", "ascending")]).to_pylist()
+    for r in rows:
+        out.setdefault(r["user_id"], []).append((r["video_id"], r["score"]))
+        assert r["rank"] == len(out[r["user_id"]])
+    return out
+
+
+def _naive_top_k(reference, k: int, exclude_seen: bool, candidates=None):
+    scores, seen, users, videos = reference
+    out = {}
+    for u in users:  # the reference: every pair's forward score, sorted per user
+        pairs = [(v, scores[(u, v)]) for v in videos
+                 if (candidates is None or v in candidates)
+                 and not (exclude_seen and (u, v) in seen)]
+        out[u] = sorted(pairs, key=lambda p: -p[1])[:k]
+    return out
+
+
+def _assert_same_lists(got, expected) -> None:
+    """Same lists; a user with no candidate left has no row at all."""
+    assert sorted(got) == sorted(u for u, lst in expected.items() if lst)
+    expected = {u: lst for u, lst in expected.items() if lst}
+    for user, exp in expected.items():
+        g = got[user]
+        assert len(g) == len(exp), user
+        np.testing.assert_allclose([s for _, s in g], [s for _, s in exp], atol=TOL, rtol=0)
+        for (gv, gs), (ev, es) in zip(g, exp):
+            # same video, unless two videos tie within the tolerance
+            assert gv == ev or abs(gs - es) <= TOL, (user, g, exp)
+
+
+def _fresh(world, tmp_path, *extra: str):
+    """A copy of the module's store without a scores table, and its config."""
+    cfg, store, overrides, _ = world
+    root = tmp_path / "store"
+    shutil.copytree(store.path(), root, ignore=shutil.ignore_patterns(SCORES_TABLE))
+    overrides = [*overrides, f"store.root={root}", *extra]
+    return load_config(None, overrides), Store(str(root)), overrides
+
+
+@pytest.fixture(scope="module")
+def clean_run(world, ray_local):
+    """score.top_k=3, exclude_seen, users_per_chunk=5 on the module's store."""
+    cfg, store, _, _ = world
+    summary = run_scoring(cfg, store, kernel="eager")
+    return summary, read_scores(store)
+
+
+# --------------------------------------------------------------------------- kernel (no Ray)
+
+
+@pytest.mark.parametrize("use_negative", [True, False])
+def test_fused_scorer_equals_model_score_block(use_negative) -> None:
+    torch.manual_seed(0)
+    model = FRAME(8, dim=6, hidden=5, a_pos=1.0, a_neg=0.3, use_negative=use_negative).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero biases, so b_1 and c of eq. 11 are exercised
+            p.add_(0.3 * torch.randn_like(p))
+    n_c, n_videos = 3, 7
+    h_c = torch.randn(n_videos * n_c, 6)
+    h_u_pos, h_u_neg = torch.relu(torch.randn(11, 6)), torch.relu(torch.randn(11, 6))
+    h_u_pos[4] = 0  # a cold user: Z_u = 0
+    h_u_neg[4] = 0
+    tables = fuse_tables(model, h_c, h_u_pos, h_u_neg if use_negative else None, n_c)
+    assert tables.user_table.shape == (11, 5 * (2 if use_negative else 1))
+    assert torch.equal(tables.user_table[4], torch.zeros(tables.user_table.shape[1]))
+    with torch.no_grad():
+        expected = model.score_block(h_u_pos, h_u_neg, h_c.view(n_videos, n_c, 6))  # (11, 7)
+    # a tiny tile budget forces several user and video tiles and partial edge tiles
+    scorer = FusedScorer(tables.clip_thresholds, tables.out_weight, tables.out_bias,
+                         videos_per_block=3)
+    scorer.user_tile, scorer.video_tile = 4, 2
+    torch.testing.assert_close(scorer.scores(tables.user_table), expected, atol=TOL, rtol=0)
+    torch.testing.assert_close(scorer.scores(tables.user_table, 2, 5), expected[:, 2:5],
+                               atol=TOL, rtol=0)
+
+    seen = (torch.tensor([0, 0, 5]), torch.tensor([1, 6, 0]))  # user 0: videos 1, 6; 5: 0
+    values, positions = scorer.top_k(tables.user_table, 4, seen)
+    masked = expected.clone()
+    masked[seen] = -torch.inf
+    top = torch.topk(masked, 4, dim=1)
+    torch.testing.assert_close(values, top.values, atol=TOL, rtol=0)
+    assert torch.equal(positions, top.indices)
+    # k above the candidate count: every video, the excluded ones as -inf at the end
+    values, positions = scorer.top_k(tables.user_table, 50, seen)
+    assert values.shape == (11, n_videos)
+    assert torch.isinf(values[0]).sum() == 2 and torch.isinf(values[5]).sum() == 1
+    assert sorted(positions[1].tolist()) == list(range(n_videos))
+
+
+@pytest.mark.slow
+def test_compiled_kernel_equals_eager() -> None:
+    """torch.compile's fused loop (the default for large CPU runs) against the eager kernel."""
+    g = torch.Generator().manual_seed(1)
+    t_c = torch.randn(45, 4, 24, generator=g)  # 45 videos: a partial last tile of 32 / 4
+    w = torch.randn(24, generator=g)
+    z_u = torch.randn(70, 24, generator=g)  # 70 users: a partial last user tile of 32
+    eager = FusedScorer(t_c, w, 0.25)
+    compiled = FusedScorer(t_c, w, 0.25, kernel="compiled", videos_per_block=20)
+    reference = (torch.relu(z_u[:, None, None] - t_c[None]) @ w).sum(-1) + 0.25
+    torch.testing.assert_close(eager.scores(z_u), reference, atol=TOL, rtol=0)
+    torch.testing.assert_close(compiled.scores(z_u, 3, 41), reference[:, 3:41], atol=TOL,
+                               rtol=0)
+    values, positions = compiled.top_k(z_u, 5)
+    assert compiled.kernel == "compiled"  # it compiled, no fallback to eager
+    top = torch.topk(reference, 5, dim=1)
+    torch.testing.assert_close(values, top.values, atol=TOL, rtol=0)
+    assert torch.equal(positions, top.indices)
+
+
+# --------------------------------------------------------------------------- the job (Ray)
+
+
+@pytest.mark.slow
+def test_top_k_equals_brute_force_forward(world, reference, clean_run) -> None:
+    summary, table = clean_run
+    _, _, users, videos = reference
+    assert GHOST not in users and world[3] not in videos  # absent from the graph
+    assert summary.users == len(users) == 24 and summary.candidates == len(videos) == 9
+    assert summary.chunks == summary.scored_chunks == 5 and summary.skipped_chunks == 0
+    assert summary.cold_users == len(COLD)
+    got = _lists(table)
+    expected = _naive_top_k(reference, 3, exclude_seen=True)
+    _assert_same_lists(got, expected)
+    assert table.num_rows == sum(len(v) for v in expected.values()) == summary.rows
+    assert any(len(v) < 3 for v in expected.values())  # users who saw 7 of the 9 videos
+    # no training pair is recommended
+    _, seen, _, _ = reference
+    assert not {(u, v) for u, lst in got.items() for v, _ in lst} & seen
+    # cold users: K rows from the clip side alone, so the same list for both
+    assert len(got[COLD[0]]) == 3
+    _assert_same_lists({COLD[1]: got[COLD[1]]}, {COLD[1]: got[COLD[0]]})
+
+
+@pytest.mark.slow
+def test_manifest_identity_and_parts(world, clean_run) -> None:
+    _, store, _, _ = world
+    table = store.table(SCORES_TABLE)
+    meta = table.metadata()
+    assert meta["complete"] is True and meta["chunks"] == meta["chunks_committed"] == 5
+    identity = meta["identity"]
+    assert identity["run"] == RUN and identity["top_k"] == 3
+    assert identity["exclude_seen"] is True and identity["candidates"] == "all"
+    assert len(identity["model_sha256"]) == 64
+    chunks = sorted(c for p in table.parts() for c in p.meta["chunks"])
+    assert chunks == [0, 1, 2, 3, 4]  # each chunk in exactly one part
+    assert store.exists("tables", SCORES_TABLE, "config.yaml")
+
+
+@pytest.mark.slow
+def test_rerun_is_skipped_and_new_identity_starts_over(world, reference, clean_run, tmp_path):
+    cfg, store, overrides = _fresh(world, tmp_path)
+    shutil.copytree(world[1].path("tables", SCORES_TABLE), store.path("tables", SCORES_TABLE))
+    version = store.table(SCORES_TABLE).manifest()["version"]
+    again = run_scoring(cfg, store, kernel="eager")
+    assert again.scored_chunks == 0 and again.skipped_chunks == 5
+    assert again.kernel == "-" and again.users == 24 and again.rows == clean_run[0].rows
+    assert store.table(SCORES_TABLE).manifest()["version"] == version  # nothing committed
+    # a driver killed between its last chunk and the final commit: only the mark is missing
+    store.table(SCORES_TABLE).commit([], {"complete": False})
+    assert run_scoring(cfg, store, kernel="eager").scored_chunks == 0
+    assert store.table(SCORES_TABLE).metadata()["complete"] is True
+    assert len(store.table(SCORES_TABLE).parts()) == 5
+
+    # another K and no exclusion: the old result set is replaced, not mixed
+    cfg = load_config(None, [*overrides, "score.top_k=50", "score.exclude_seen=false"])
+    summary = run_scoring(cfg, store, kernel="eager", actors=1)
+    assert summary.started_over and summary.scored_chunks == 5
+    got = _lists(read_scores(store))
+    _assert_same_lists(got, _naive_top_k(reference, 50, exclude_seen=False))
+    assert all(len(lst) == 9 for lst in got.values())  # K > candidates: all 9 videos
+    assert store.table(SCORES_TABLE).metadata()["identity"]["top_k"] == 50
+    assert len(store.table(SCORES_TABLE).parts()) == 5
+    _, seen, _, _ = reference
+    assert {(u, v) for u, lst in got.items() for v, _ in lst} >= seen  # seen ones included
+
+    # K > candidates with the exclusion: everything but the user's training videos
+    cfg = load_config(None, [*overrides, "score.top_k=50"])
+    assert run_scoring(cfg, store, actors=1).kernel == "eager"  # "auto", tiny: no compile
+    got = _lists(read_scores(store))
+    _assert_same_lists(got, _naive_top_k(reference, 50, exclude_seen=True))
+    assert len(got[COLD[0]]) == 9 and min(len(v) for v in got.values()) < 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_candidates_file_restricts_the_videos(world, reference, ray_local, tmp_path, fmt):
+    _, _, _, videos = reference
+    chosen = [videos[1], videos[4], videos[7], videos[8]]
+    path = tmp_path / f"candidates.{fmt}"
+    table = pa.table({"video_id": chosen + [videos[4]], "why": list("abcde")})  # a duplicate
+    if fmt == "csv":
+        path.write_text("video_id,why\n" + "\n".join(f"{v},x" for v in table["video_id"]
+                                                    .to_pylist()) + "\n")
+    else:
+        pq.write_table(table, path)
+    cfg, store, _ = _fresh(world, tmp_path, f"score.candidates={path}", "score.top_k=3")
+    summary = run_scoring(cfg, store, kernel="eager", actors=1)
+    assert summary.candidates == 4
+    got = _lists(read_scores(store))
+    _assert_same_lists(got, _naive_top_k(reference, 3, True, candidates=set(chosen)))
+    assert {v for lst in got.values() for v, _ in lst} <= set(chosen)
+    identity = store.table(SCORES_TABLE).metadata()["identity"]
+    assert identity["candidates"]["path"] == str(path)
+
+
+@pytest.mark.slow
+def test_bad_candidates_and_missing_run_are_refused(world, tmp_path, capsys) -> None:
+    _, _, overrides, no_features = world
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"video_id": ["nope", no_features]}), bad)
+    cfg, store, _ = _fresh(world, tmp_path, f"score.candidates={bad}")
+    with pytest.raises(ScoreError, match=r"2 row\(s\) with a video_id not in the id map"):
+        prepare_scoring(cfg, store)
+    pq.write_table(pa.table({"video": ["v"]}), tmp_path / "nocol.parquet")
+    assert score_job.main([*overrides, f"score.candidates={tmp_path}/nocol.parquet"]) == 2
+    assert "score.candidates=" in capsys.readouterr().err
+    assert score_job.main([*overrides, f"score.candidates={tmp_path}/missing.csv"]) == 2
+    assert "missing.csv': no such file" in capsys.readouterr().err
+    assert score_job.main([*overrides, "train.run_name=never-trained"]) == 1
+    err = capsys.readouterr().err
+    assert "stage score failed: StoreError: no trained model at" in err
+    with pytest.raises(StoreError, match="run the train stage first"):
+        prepare_scoring(load_config(None, [*overrides, "train.run_name=x"]), store)
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_to_the_clean_result(world, clean_run, ray_local, tmp_path,
+                                                   capsys) -> None:
+    _, clean = clean_run
+    cfg, store, _ = _fresh(world, tmp_path)
+    cfg.save(tmp_path / "config.yaml")
+    env = dict(os.environ, **{FAULT_ENV: "1"},
+               RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.run([sys.executable, "-m", "jobs.score", "--config",
+                           str(tmp_path / "config.yaml")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "killing the driver after commit 1" in proc.stderr
+    table = store.table(SCORES_TABLE)
+    done = {c for p in table.parts() for c in p.meta["chunks"]}
+    assert 0 < len(done) < 5
+    assert table.metadata()["complete"] is False
+    partial, whole = _lists(table.read()), _lists(clean)
+    assert 0 < len(partial) < len(whole)
+    _assert_same_lists(partial, {u: whole[u] for u in partial})  # committed users: whole
+
+    assert score_job.main(["--config", str(tmp_path / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"{5 - len(done)} chunks scored, {len(done)} skipped (already committed)" in out
+    final = read_scores(store)
+    chunks = [c for p in table.parts() for c in p.meta["chunks"]]
+    assert sorted(chunks) == [0, 1, 2, 3, 4]  # exactly one committed part per chunk
+    assert final.num_rows == clean.num_rows
+    assert final.select(["user_id", "rank", "video_id"]).equals(
+        clean.select(["user_id", "rank", "video_id"]))
+    np.testing.assert_allclose(final["score"].to_numpy(), clean["score"].to_numpy(), atol=1e-6)
+    assert table.metadata()["complete"] is True
+    # parts staged by the killed driver but never committed are invisible; vacuum removes them
+    table.vacuum()
+    assert len(store.fs.ls(store.path("tables", SCORES_TABLE, "parts"))) == len(table.parts())
+    assert table.metadata()["identity"] == world[1].table(SCORES_TABLE).metadata()["identity"]
