@@ -385,22 +385,3 @@ def to_torch(graph: UserClipGraph, device: torch.device | str | None = None,
         neg=adjacency(graph.neg_norm, device) if with_negative else None,
         clips_per_video=graph.clips_per_video,
     )
-
-
-# --------------------------------------------------------------------------- clip features
-
-
-def clip_features_from_grid(frame_features: np.ndarray, n_clips: int) -> np.ndarray:
-    """Clip features f_c (eq. 1): the mean of each clip's grid frames.
-
-    ``frame_features`` is (N, G, F): G frames on a uniform time grid per video, N_c must divide
-    G. Returns (N * N_c, F) float32 in clip order c = v * N_c + j.
-    """
-    x = np.asarray(frame_features)
-    if x.ndim != 3:
-        raise GraphError(f"frame features must be (videos, grid, features), got shape {x.shape}")
-    n, g, f = x.shape
-    if n_clips <= 0 or g % n_clips:
-        raise GraphError(f"n_clips={n_clips} must divide the grid size G={g}")
-    clips = x.reshape(n, n_clips, g // n_clips, f).astype(np.float32).mean(axis=2)
-    return clips.reshape(n * n_clips, f)

@@ -2,6 +2,8 @@
 
 - ``aws_test_env`` (session): dummy AWS credentials and region in the environment, set before
   Ray starts so that Ray workers inherit them (S3 clients refuse to send unsigned requests).
+- ``one_torch_thread`` (module): torch limited to one thread while a module of tiny-tensor tests
+  runs.
 - ``ray_local`` (session): one local Ray instance (2 CPUs, no dashboard, 127.0.0.1) for the whole
   run, shut down at the end. Tests that need Ray request it.
 - ``s3_server`` (session): moto's S3 server on 127.0.0.1 (free port); ``s3_server.bucket()``
@@ -43,6 +45,20 @@ def aws_test_env() -> Iterator[dict[str, str]]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: extra OpenMP threads only add barrier waits on a shared 2-core box.
+
+    Use per module with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from frame_dist.graph import (
     GraphError,
     IdMap,
     build_graph,
-    clip_features_from_grid,
     clip_labels,
     csr_to_coo_torch,
     csr_to_torch,
@@ -267,13 +266,3 @@ def test_torch_conversions(hand_graph) -> None:
     np.testing.assert_array_equal(pg.pos.transpose.to_dense().numpy(), dense.T)
     np.testing.assert_array_equal(pg.neg.matrix.to_dense().numpy(), hand_graph.neg_norm.toarray())
     assert to_torch(hand_graph, with_negative=False).neg is None
-
-
-def test_clip_features_from_grid() -> None:
-    grid = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)  # 2 videos, G = 4, F = 3
-    clips = clip_features_from_grid(grid, 2)
-    expected = np.array([[1.5, 2.5, 3.5], [7.5, 8.5, 9.5], [13.5, 14.5, 15.5],
-                         [19.5, 20.5, 21.5]])
-    np.testing.assert_array_equal(clips, expected)  # row c = v * N_c + j
-    with pytest.raises(GraphError, match="n_clips=3 must divide the grid size G=4"):
-        clip_features_from_grid(grid, 3)

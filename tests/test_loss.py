@@ -12,14 +12,7 @@ from frame_dist.graph import build_graph, clip_labels, to_torch
 from frame_dist.loss import FRAMETrainTask, HybridLoss, InteractionBatch
 from frame_dist.model import FRAME, FrameOutput
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: OpenMP threads only add barrier waits, badly so on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def log_sig(x: float) -> float:

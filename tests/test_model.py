@@ -23,13 +23,7 @@ M, N, N_C, F, D, H = 9, 7, 3, 6, 5, 8
 OPTIONS = list(itertools.product([True, False], repeat=3))  # use_negative, enhance, use_visual
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: OpenMP threads only add barrier waits, badly so on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -56,13 +56,7 @@ GHOST = "ghost"  # interacts only with NO_FEATURES
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: extra OpenMP threads only add barrier waits on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_features(store: Store, skip: str) -> None:

@@ -26,13 +26,7 @@ M, N, N_C, F = 80, 60, 4, 8
 MODEL_CFG = ModelConfig(dim=16, hidden=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: OpenMP threads only add barrier waits, badly so on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
