@@ -120,6 +120,11 @@ def test_parity_one_two_workers_and_single_process(ray_local, store_cfg, two_wor
     assert m2["test"]["auc"] == pytest.approx(m1["test"]["auc"], abs=1e-5)
     assert m2["history"][0]["propagation_bytes_per_step"] > 0  # the all-reduce really ran
 
+    # ZeRO stage 2 (optimizer state and gradients partitioned over the workers): same weights
+    _run(overrides, **{"train.workers": 2, "train.run_name": "w2-zero2", "train.zero_stage": 2})
+    for name, value in _weights(store, "w2-zero2").items():
+        torch.testing.assert_close(value, single.best_state[name], atol=1e-5, rtol=1e-5)
+
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, store_cfg, two_worker_run):
     from ray._private import state as ray_state
