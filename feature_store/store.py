@@ -73,7 +73,10 @@ class Store:
     """A feature store root. Cheap to create; safe to pickle into Ray tasks (no open handles)."""
 
     def __init__(self, root: str, endpoint_url: str | None = None, region: str | None = None):
-        self.root = root
+        # a local root is made absolute here, once: Ray workers (Train workers in particular)
+        # run in other working directories than the driver that named the store
+        self.root = root if "://" in root and not root.startswith("file://") else \
+            os.path.abspath(root.removeprefix("file://"))
         self.endpoint_url = endpoint_url
         self.region = region
         self.fs, self.base = open_filesystem(root, endpoint_url, region)

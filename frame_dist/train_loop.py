@@ -298,7 +298,9 @@ def run_training(cfg: Config, store: Store) -> dict[str, Any]:
     storage_path, storage_fs = _run_storage(store)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict()},
+        # the store as the driver resolved it (a relative local root means nothing to workers)
+        train_loop_config={"config": {**cfg.to_dict(),
+                                      "store": {**cfg.to_dict()["store"], "root": store.root}}},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(

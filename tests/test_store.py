@@ -85,3 +85,14 @@ def test_json_roundtrip(store):
     store.write_json("graphs/meta.json", {"a": 1})
     assert store.read_json("graphs/meta.json") == {"a": 1}
     assert json.loads(store.read_bytes("graphs/meta.json")) == {"a": 1}
+
+
+def test_relative_root_is_resolved_once_and_survives_pickling(tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    store = Store("rel/store")
+    assert store.root == str(tmp_path / "rel/store")
+    monkeypatch.chdir("/")  # a Ray worker's working directory differs from the driver's
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.root == store.root and clone.base == store.base

@@ -102,9 +102,14 @@ def two_worker_run(ray_local, store_cfg):
     return _run(store_cfg[2], **{"train.workers": 2, "train.run_name": "w2"})[1]
 
 
-def test_parity_one_two_workers_and_single_process(ray_local, store_cfg, two_worker_run):
+def test_parity_one_two_workers_and_single_process(ray_local, store_cfg, two_worker_run,
+                                                   monkeypatch):
     cfg, store, overrides = store_cfg
-    _, m1 = _run(overrides, **{"train.workers": 1, "train.run_name": "w1"})
+    # W = 1 names the store relative to the driver's working directory, as configs/demo.yaml
+    # does: Ray Train workers run elsewhere and must still find it
+    monkeypatch.chdir(os.path.dirname(store.root))
+    _, m1 = _run(overrides, **{"train.workers": 1, "train.run_name": "w1",
+                               "store.root": os.path.basename(store.root)})
     m2 = two_worker_run
     single = _single_process(cfg, store)
 
