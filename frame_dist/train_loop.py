@@ -102,6 +102,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = from_dict(loop_config["config"]).validate()
+    if loop_config.get("cpus_per_worker"):
+        torch.set_num_threads(loop_config["cpus_per_worker"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -296,13 +298,19 @@ def run_training(cfg: Config, store: Store) -> dict[str, Any]:
     claim_run(cfg, store, run_fingerprint(cfg, manifest))
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_has_gpus()
     storage_path, storage_fs = _run_storage(store)
+    # On CPU a worker gets its share of the cluster's cores (Ray sets OMP_NUM_THREADS, and so
+    # torch's thread count, from this reservation; one core per worker would idle the rest).
+    cpus = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1))
+                                 // cfg.train.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         # the store as the driver resolved it (a relative local root means nothing to workers)
         train_loop_config={"config": {**cfg.to_dict(),
-                                      "store": {**cfg.to_dict()["store"], "root": store.root}}},
+                                      "store": {**cfg.to_dict()["store"], "root": store.root}},
+                           "cpus_per_worker": None if use_gpu else cpus},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus}),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
