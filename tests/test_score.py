@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train_loop import BASE, GRID  # tests/ is on sys.path under pytest
+from test_train_loop import BASE, GRID, _single_process  # tests/ is on sys.path (pytest)
 
 from feature_store.frames import commit_frame_parts, frame_features_table, write_frame_part
 from feature_store.store import Store, StoreError
@@ -44,7 +44,7 @@ from frame_dist.scoring import (
     run_scoring,
 )
 from frame_dist.train_loop import write_outputs
-from frame_dist.trainer import EvalData, TrainData, build_model, train
+from frame_dist.trainer import build_model
 from frame_dist.worker_data import WorkerData
 from jobs import ingest as ingest_job
 from jobs import score as score_job
@@ -93,15 +93,8 @@ def _edit_interactions(store: Store, no_features: str) -> None:
 
 def _train_and_save(cfg, store: Store) -> None:
     """Single-process training (2 epochs), saved with the training stage's writer."""
-    shard, manifest = load_shards(store, cfg.graph.n_clips, [0, 1])
-    features = load_clip_features(store, manifest, shard.video_ids)
-    data = WorkerData.from_shard(shard, cfg.graph.n_clips, manifest["n_train"], features)
-    order = np.argsort(shard.train["order"])
-    t, v = shard.train, shard.valid
-    model = build_model(cfg.model, features.shape[1], seed=cfg.train.seed)
-    result = train(model, data.clip_features, data.graph,
-                   TrainData(t["user"][order], t["video"][order], t["watched"][order]),
-                   EvalData(v["user"], v["video"], v["label"].astype(np.int64)), cfg.train)
+    result = _single_process(cfg, store)
+    model = build_model(cfg.model, 2048, seed=cfg.train.seed)
     model.load_state_dict(result.best_state)
     state = {"history": result.history, "best_epoch": result.best_epoch, "global_step": 0,
              "resumes": []}
