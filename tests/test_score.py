@@ -26,9 +26,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train_loop import BASE, GRID, _single_process  # tests/ is on sys.path (pytest)
+from test_train_loop import (  # tests/ is on sys.path (pytest)
+    BASE,
+    _single_process,
+    _write_topic_features,
+)
 
-from feature_store.frames import commit_frame_parts, frame_features_table, write_frame_part
 from feature_store.store import Store, StoreError
 from frame_dist.config import load_config
 from frame_dist.model import FRAME
@@ -57,25 +60,6 @@ TOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _write_features(store: Store, skip: str) -> None:
-    """Frame features of every video but ``skip``: topic vector x 3 + 5 + noise per grid frame."""
-    scenes = store.table("scenes").read().to_pandas()
-    ids = [v for v in store.table("videos").read()["video_id"].to_pylist() if v != skip]
-    rng = np.random.default_rng(0)
-    topics = rng.normal(size=(int(scenes["topic"].max()) + 1, 2048))
-    times = np.zeros((len(ids), GRID))
-    feats = np.zeros((len(ids), GRID, 2048), np.float32)
-    for i, vid in enumerate(ids):  # test data setup: a handful of videos
-        sc = scenes[scenes["video_id"] == vid]
-        times[i] = (np.arange(GRID) + 0.5) * sc["end_s"].max() / GRID
-        topic = [int(sc[(sc["start_s"] <= t) & (t < sc["end_s"])]["topic"].iloc[0])
-                 for t in times[i]]
-        feats[i] = topics[topic] * 3 + 5 + rng.normal(size=(GRID, 2048))
-    part = write_frame_part(store, frame_features_table(ids, times, feats), ids)
-    commit_frame_parts(store, [part], {"weights": "test-topics", "grid_size": GRID,
-                                       "dim": 2048, "image_size": 0})
 
 
 def _edit_interactions(store: Store, no_features: str) -> None:
@@ -112,7 +96,7 @@ def world(tmp_path_factory):
     store = Store.from_config(cfg.store)
     no_features = sorted(store.table("videos").read()["video_id"].to_pylist())[-1]
     _edit_interactions(store, no_features)
-    _write_features(store, skip=no_features)
+    _write_topic_features(store, skip=no_features)
     build_shards(cfg, store)
     _train_and_save(cfg, store)
     return cfg, store, overrides, no_features
