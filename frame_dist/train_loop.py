@@ -87,9 +87,6 @@ def finished_run(cfg: Config, store: Store) -> dict[str, Any] | None:
 
 def check_trainable(cfg: Config, store: Store) -> dict[str, Any]:
     """Everything that can be refused before a worker starts."""
-    if not cfg.model.use_visual or cfg.model.trainable_clip_features:
-        raise ConfigError("model.use_visual=false / model.trainable_clip_features=true are only "
-                          "supported by the single-process trainer (frame_dist.trainer)")
     return check_graph(store, cfg.graph.n_clips, cfg.train.workers)
 
 
@@ -114,15 +111,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     graph_manifest = check_graph(store, n_clips, world)
     n_shards = graph_manifest["n_shards"]
     shard, manifest = load_shards(store, n_clips, [k for k in range(n_shards) if k % world == rank])
-    features = load_clip_features(store, manifest, shard.video_ids)
+    features, table_init = None, None
+    if cfg.model.trainable_clip_features:  # the model's table: every clip, on every worker
+        table_init = torch.from_numpy(
+            load_clip_features(store, manifest, np.arange(manifest["n_videos"])))
+    elif cfg.model.use_visual:
+        features = load_clip_features(store, manifest, shard.video_ids)
     data = WorkerData.from_shard(shard, n_clips, manifest["n_train"], features,
                                  with_negative=cfg.model.use_negative).to(device)
     group = dist.new_group(backend=dist.get_backend()) if world > 1 else None
     propagation = DistributedPropagation(data.global_clip_ids, group)
 
     # --- model, loss, engine
-    model = build_model(cfg.model, features.shape[1], propagation=propagation,
-                        seed=cfg.train.seed)
+    model = build_model(cfg.model, len(manifest["feature_mean"]),
+                        n_clips_total=manifest["n_videos"] * n_clips, propagation=propagation,
+                        seed=cfg.train.seed, clip_features=table_init)
+    del table_init
     from frame_dist.loss import FRAMETrainTask
 
     task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model), data.clip_features,
@@ -197,6 +201,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  "steps": steps - first_step,
                  "peak_rss_mb": _peak_rss_mb(world),
                  "propagation_bytes_per_step": bytes_sent / max(steps - first_step, 1),
+                 "optimizer_state_bytes": _optimizer_state_bytes(engine),
                  "valid": valid}
         state["history"].append(entry)
         if valid.get("auc", -1.0) > state["best_auc"]:
@@ -219,6 +224,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         write_outputs(cfg, store, model, state, test, state["fingerprint"])
     ray.train.report({"test_" + k: v for k, v in test.items()} |
                      {"global_step": state["global_step"]})
+
+
+def _optimizer_state_bytes(engine: Any) -> int:
+    """Bytes of this worker's optimizer state (Adam moments; ZeRO >= 1 holds only its part)."""
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values()
+               for v in state.values() if torch.is_tensor(v))
 
 
 @torch.no_grad()

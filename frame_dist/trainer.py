@@ -76,14 +76,27 @@ class TrainResult:
 
 
 def build_model(cfg: ModelConfig, n_clip_features: int, n_clips_total: int | None = None,
-                propagation: LocalPropagation | None = None, seed: int | None = None) -> FRAME:
-    """FRAME from a :class:`ModelConfig`; ``seed`` makes the initial weights reproducible."""
+                propagation: LocalPropagation | None = None, seed: int | None = None,
+                clip_features: Tensor | None = None) -> FRAME:
+    """FRAME from a :class:`ModelConfig`; ``seed`` makes the initial weights reproducible.
+
+    ``n_clips_total`` (C) sizes a model-owned clip table; ``clip_features`` (C, F), the whole
+    graph's, start the table of ``trainable_clip_features`` (C defaults to its rows).
+    """
     if seed is not None:
         torch.manual_seed(seed)
-    return FRAME(n_clip_features, dim=cfg.dim, hidden=cfg.hidden, a_pos=cfg.a_pos,
-                 a_neg=cfg.a_neg, use_negative=cfg.use_negative, enhance=cfg.enhance,
-                 use_visual=cfg.use_visual, n_clips_total=n_clips_total,
-                 propagation=propagation)
+    if cfg.trainable_clip_features:
+        if clip_features is None:
+            raise ValueError("model.trainable_clip_features=true: build_model needs the whole "
+                             "graph's clip_features (C, F) to start the table from")
+        n_clips_total = n_clips_total or int(clip_features.shape[0])
+    model = FRAME(n_clip_features, dim=cfg.dim, hidden=cfg.hidden, a_pos=cfg.a_pos,
+                  a_neg=cfg.a_neg, use_negative=cfg.use_negative, enhance=cfg.enhance,
+                  use_visual=cfg.use_visual, n_clips_total=n_clips_total,
+                  trainable_clip_features=cfg.trainable_clip_features, propagation=propagation)
+    if cfg.trainable_clip_features:
+        model.init_clip_features(torch.as_tensor(clip_features))
+    return model
 
 
 def build_loss(cfg: TrainConfig, model_cfg: ModelConfig) -> HybridLoss:

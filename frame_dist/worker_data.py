@@ -1,7 +1,9 @@
 """What one training worker holds, and how it draws its share of each global batch.
 
 Pure torch / numpy (no Ray, no DeepSpeed): the Ray Train loop (``frame_dist.train_loop``) and the
-tests build the same :class:`WorkerData` from a shard.
+tests build the same :class:`WorkerData` from a shard. :func:`whole_graph` is the single-process
+case (one worker holding every shard, in the global space): what the evaluate stage, the score
+stage's one-shard path and the benchmarks propagate over.
 
 Batches: every worker draws the same global permutation of the N training interactions from a
 generator seeded with ``train.seed`` (one permutation per epoch, as the single-process trainer
@@ -14,14 +16,16 @@ gradient averaging over W workers yields the gradient of the global batch's loss
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from feature_store.store import Store
 from frame_dist.graph import adjacency
 from frame_dist.loss import InteractionBatch
-from frame_dist.partition import Shard
+from frame_dist.partition import Shard, load_clip_features, load_whole_graph
 from frame_dist.propagation import PropagationGraph
 
 
@@ -44,10 +48,11 @@ class WorkerData:
     @classmethod
     def from_shard(cls, shard: Shard, n_clips: int, n_train_global: int,
                    clip_features: np.ndarray | None, with_negative: bool = True) -> WorkerData:
+        clip_ids = (shard.video_ids[:, None] * n_clips + np.arange(n_clips)).reshape(-1)
         graph = PropagationGraph(pos=adjacency(shard.pos),
                                  neg=adjacency(shard.neg) if with_negative else None,
-                                 clips_per_video=n_clips)
-        clip_ids = (shard.video_ids[:, None] * n_clips + np.arange(n_clips)).reshape(-1)
+                                 clips_per_video=n_clips,
+                                 clip_ids=torch.from_numpy(clip_ids.astype(np.int64)))
         local_of_global = np.full(n_train_global, -1, dtype=np.int64)
         local_of_global[shard.train["order"]] = np.arange(len(shard.train["order"]))
         t = shard.train
@@ -85,6 +90,22 @@ class WorkerData:
                                 self.train_videos[local].to(device),
                                 self.train_watched[local].to(device),
                                 denominator=len(global_positions) / world)
+
+
+def whole_graph(store: Store, n_clips: int, use_negative: bool = True,
+                with_features: bool = True) -> tuple[WorkerData, dict[str, Any]]:
+    """The whole committed graph as one process's WorkerData (a single worker holding every shard).
+
+    In the global space (``frame_dist.partition.load_whole_graph``): row i is user i of the
+    manifest, clip v * N_c + j is clip j of video v, every video of the graph included.
+    ``with_features=False`` skips the (N N_c, F) clip features (a model that owns its clip
+    table does not read them). Returns (data, graph manifest).
+    """
+    shard, manifest = load_whole_graph(store, n_clips)
+    features = load_clip_features(store, manifest, shard.video_ids) if with_features else None
+    data = WorkerData.from_shard(shard, n_clips, manifest["n_train"], features,
+                                 with_negative=use_negative)
+    return data, manifest
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -86,3 +86,10 @@ def test_validate_checks_values_set_in_code():
     cfg.graph.n_clips = "4"  # type: ignore[assignment]
     with pytest.raises(ConfigError, match="graph.n_clips must be an integer"):
         cfg.validate()
+
+
+def test_trainable_clip_features_need_visual_features():
+    with pytest.raises(ConfigError, match="model.trainable_clip_features=true needs "
+                                          "model.use_visual=true"):
+        load_config(None, ["model.trainable_clip_features=true", "model.use_visual=false"])
+    assert load_config(None, ["model.trainable_clip_features=true"]).model.use_visual

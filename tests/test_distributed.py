@@ -62,17 +62,26 @@ def _shards(users, videos, ratio, full, n_shards):
     return graph, watched, out
 
 
-def _model(seed=0):
+MODES = {"visual": {}, "free clip table": {"use_visual": False},
+         "trainable clip features": {"trainable_clip_features": True}}
+
+
+def _model(mode, features, seed=0):
+    """FRAME with the clip input of ``mode``: the features, a free table, or learned features."""
     torch.manual_seed(seed)
-    return FRAME(F, dim=DIM, hidden=16)
+    model = FRAME(F, dim=DIM, hidden=16, n_clips_total=N_VIDEOS * N_C, **MODES[mode])
+    if model.trainable_clip_features:
+        model.init_clip_features(torch.from_numpy(features))
+    return model
 
 
-def _single_process(batch_positions):
+def _single_process(batch_positions, mode):
     users, videos, ratio, full, features = _world()
     graph, watched, _ = _shards(users, videos, ratio, full, 1)
     pg = PropagationGraph(adjacency(graph.pos_norm), adjacency(graph.neg_norm), N_C)
-    model = _model()
-    task = FRAMETrainTask(model, HybridLoss(1.0, 1.0, 1e-4), torch.from_numpy(features), pg)
+    model = _model(mode, features)
+    task = FRAMETrainTask(model, HybridLoss(1.0, 1.0, 1e-4),
+                          torch.from_numpy(features) if mode == "visual" else None, pg)
     idx = torch.as_tensor(batch_positions)
     loss, _ = task(InteractionBatch(torch.as_tensor(users)[idx], torch.as_tensor(videos)[idx],
                                     torch.as_tensor(watched)[idx]))
@@ -80,7 +89,7 @@ def _single_process(batch_positions):
     return float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-def _worker(rank, world, port, batch_positions, out_dir):
+def _worker(rank, world, port, batch_positions, out_dir, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -90,9 +99,10 @@ def _worker(rank, world, port, batch_positions, out_dir):
         _, _, shards = _shards(users, videos, ratio, full, world)
         shard = shards[rank]
         cols = (shard.video_ids[:, None] * N_C + np.arange(N_C)).reshape(-1)
-        data = WorkerData.from_shard(shard, N_C, len(users), features[cols])
+        data = WorkerData.from_shard(shard, N_C, len(users),
+                                     features[cols] if mode == "visual" else None)
         prop = DistributedPropagation(data.global_clip_ids, dist.new_group(backend="gloo"))
-        model = _model()
+        model = _model(mode, features)
         model.propagation = prop
         task = FRAMETrainTask(model, HybridLoss(1.0, 1.0, 1e-4), data.clip_features,
                               data.graph)
@@ -120,10 +130,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("batch", [np.arange(0, 240, 3), np.arange(240)])
-def test_two_workers_equal_one_process(tmp_path, batch):
-    expected_loss, expected_grads = _single_process(batch)
-    mp.spawn(_worker, args=(2, _free_port(), batch.tolist(), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("batch,mode", [(np.arange(0, 240, 3), "visual"),
+                                        (np.arange(240), "visual"),
+                                        (np.arange(0, 240, 2), "free clip table"),
+                                        (np.arange(0, 240, 2), "trainable clip features")])
+def test_two_workers_equal_one_process(tmp_path, batch, mode):
+    expected_loss, expected_grads = _single_process(batch, mode)
+    mp.spawn(_worker, args=(2, _free_port(), batch.tolist(), str(tmp_path), mode), nprocs=2)
     got = torch.load(tmp_path / "result.pt", weights_only=True)
     assert got["loss"] == pytest.approx(expected_loss, abs=1e-5)
     assert 0 < got["local"] < len(batch)  # each worker saw only its part of the batch

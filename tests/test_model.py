@@ -165,7 +165,62 @@ def test_model_args_rebuild_identical_model(data) -> None:
     torch.testing.assert_close(clone.score_pairs(*args), model.score_pairs(*args))
     assert model.model_args() == dict(n_clip_features=F, dim=D, hidden=H, a_pos=1.0, a_neg=0.3,
                                       use_negative=True, enhance=True, use_visual=True,
-                                      n_clips_total=N * N_C)
+                                      n_clips_total=N * N_C, trainable_clip_features=False)
+
+
+def test_trainable_clip_features_start_equal_and_learn(data) -> None:
+    """The table starts as the extracted features (same scores), gets gradients, skips L2."""
+    fixed = make_model(True, True, True)
+    torch.manual_seed(0)
+    model = FRAME(F, dim=D, hidden=H, a_pos=1.0, a_neg=0.3, n_clips_total=N * N_C,
+                  trainable_clip_features=True)
+    model.load_state_dict(fixed.state_dict(), strict=False)
+    model.init_clip_features(data["x"])
+    args = (data["pg"], data["users"], data["videos"])
+    torch.testing.assert_close(model.score_pairs(None, *args), fixed.score_pairs(data["x"], *args))
+    # the table replaces the features passed in
+    torch.testing.assert_close(model.score_pairs(data["x"] * 0, *args),
+                               fixed.score_pairs(data["x"], *args))
+    out = model(None, data["pg"], data["users"], data["videos"], data["watched"])
+    out.clip_scores.sum().backward()
+    grad = model.clip_feature_table.weight.grad
+    touched = torch.unique((data["pg"].pos.matrix.to_dense() != 0).nonzero()[:, 1])
+    assert grad[touched].abs().sum() > 0
+    reg = {id(p) for p in model.regularized_parameters()}
+    assert id(model.clip_feature_table.weight) not in reg
+    rebuilt = FRAME(**model.model_args())
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.score_pairs(None, *args), model.score_pairs(None, *args))
+    with pytest.raises(ValueError, match=r"init_clip_features: got \(3, 6\)"):
+        model.init_clip_features(data["x"][:3])
+    with pytest.raises(ValueError, match="trainable_clip_features=True needs use_visual"):
+        FRAME(F, use_visual=False, n_clips_total=4, trainable_clip_features=True)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_local_clip_axis_reads_the_global_table(data, trainable) -> None:
+    """A worker's graph over a subset of videos (local clip axis + clip_ids) gives the same user
+    embeddings as the whole graph when its users' clips are all in the subset."""
+    from frame_dist.graph import adjacency
+    from frame_dist.propagation import PropagationGraph
+
+    torch.manual_seed(2)
+    model = FRAME(F, dim=D, hidden=H, use_visual=trainable, n_clips_total=N * N_C,
+                  trainable_clip_features=trainable)
+    if trainable:
+        model.init_clip_features(data["x"])
+    g = data["graph"]
+    users = np.arange(3)
+    sub = g.pos_norm[users] + g.neg_norm[users]
+    videos = np.unique(sub.nonzero()[1] // N_C)
+    cols = (videos[:, None] * N_C + np.arange(N_C)).reshape(-1)
+    local = PropagationGraph(adjacency(g.pos_norm[users][:, cols]),
+                             adjacency(g.neg_norm[users][:, cols]), N_C,
+                             clip_ids=torch.from_numpy(cols))
+    _, hp_local, hn_local = model.embeddings(None, local)
+    _, hp, hn = model.embeddings(None, data["pg"])
+    torch.testing.assert_close(hp_local, hp[:3], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(hn_local, hn[:3], atol=1e-6, rtol=1e-5)
 
 
 def test_xavier_init_and_regularized_parameters() -> None:
