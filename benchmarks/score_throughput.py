@@ -199,14 +199,15 @@ def main() -> None:
         ray_start = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             cfg = load_config(None, [f"store.root={tmp}/store", f"score.top_k={args.top_k}",
-                                     f"score.users_per_chunk={args.users_per_chunk}"])
+                                     f"score.users_per_chunk={args.users_per_chunk}",
+                                     f"score.kernel={args.job_kernel}",
+                                     f"score.actors={args.threads}"])
             inputs = ScoringInputs(
                 tables, pa.array([f"u{i:06d}" for i in range(args.users)]),
                 pa.array([f"v{i:06d}" for i in range(args.videos)]), seen,
                 identity={"benchmark": True}, cold_users=0,
                 n_chunks=math.ceil(args.users / args.users_per_chunk))
-            summary = run_scoring(cfg, Store(cfg.store.root), kernel=args.job_kernel,
-                                  actors=args.threads, inputs=inputs)
+            summary = run_scoring(cfg, Store(cfg.store.root), inputs=inputs)
         ray.shutdown()
         job_time = summary.seconds
         rows.append((f"whole job, Ray Data ({summary.actors} actor(s), {summary.kernel})",

@@ -19,6 +19,12 @@ crosses the network. ``bytes_per_step()`` reports what was actually exchanged.
 
 The result is exactly the single-process R~^T H_u restricted to those clips, up to the order
 of floating-point additions.
+
+Offline, without a process group (the score stage's embeddings, ``frame_dist.embeddings``), the
+same split runs as a map and a reduce: on each shard :class:`RecordedClipSums` keeps the
+partial sums R~_k^T H_u^k of every local clip; the reducer adds them up over the shards and
+hands the totals to the model through :class:`SummedClipSums`, a propagation with no users of
+its own, so that the model applies W^(2), ReLU and eqs. 9-10 to the whole graph's sums.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from torch import Tensor
 from frame_dist.propagation import (
     Adjacency,
     LocalPropagation,
+    PropagationGraph,
     csr_gather_rows,
     csr_select_columns,
+    csr_tensor,
     sparse_matmul,
 )
 
@@ -106,6 +114,68 @@ class DistributedPropagation(LocalPropagation):
         self.bytes_sent += (padded.numel() + 1) * padded.element_size()
         everything = torch.cat(gathered)
         return torch.unique(everything[everything >= 0])  # sorted
+
+
+class RecordedClipSums(LocalPropagation):
+    """:class:`LocalPropagation` on one shard that keeps its clip-side partial sums (eq. 8).
+
+    ``sums["pos"]``, ``sums["neg"]``: R~_k^T H_u^k, (C_local, d), the sums of eq. 8 over this
+    shard's users *before* W^(2) and ReLU, in the shard's local clip order. The clip embeddings
+    the model derives from them on this shard alone are partial and meant to be discarded; the
+    user side (eq. 7) is whole, as every user's row lives in one shard.
+
+    Example::
+
+        >>> prop = RecordedClipSums(graph)
+        >>> model.propagation = prop
+        >>> _, h_u_pos, h_u_neg = model.propagate(h_c0, graph)   # h_c: partial, discarded
+        >>> prop.sums["pos"].shape                               # (C_local, d)
+    """
+
+    def __init__(self, graph: PropagationGraph):
+        self.graph = graph
+        self.sums: dict[str, Tensor] = {}
+
+    def clips_from_users(self, adj: Adjacency, x_users: Tensor,
+                         clips: Tensor | None = None) -> Tensor:
+        partial = super().clips_from_users(adj, x_users, clips)  # (n, d)
+        self.sums["pos" if adj is self.graph.pos else "neg"] = partial
+        return partial
+
+
+class SummedClipSums(LocalPropagation):
+    """The reduce side: clip sums of eq. 8 already added up over every shard, and no user.
+
+    ``pos_sums``, ``neg_sums`` (C, d): sum_k R~_k^T H_u^k over the shards, in global clip order.
+    ``graph`` is a user-less (0 x C) graph over the same clips; ``model.propagate(h_c0, graph)``
+    with this propagation applies W^(2), ReLU (eq. 8), the mean (eq. 9) and the layer
+    combination (eq. 10) to the whole graph's sums: the role of
+    :class:`DistributedPropagation`'s all-reduce, with the sum done before the call.
+    """
+
+    def __init__(self, pos_sums: Tensor, neg_sums: Tensor | None, clips_per_video: int):
+        n_clips = pos_sums.shape[0]
+        self.pos_sums, self.neg_sums = pos_sums, neg_sums
+        self.graph = PropagationGraph(_no_users(n_clips),
+                                      None if neg_sums is None else _no_users(n_clips),
+                                      clips_per_video)
+
+    def users_from_clips(self, adj: Adjacency, x_clips: Tensor) -> Tensor:
+        return x_clips.new_zeros(0, x_clips.shape[1])  # (0, d): no user lives here
+
+    def clips_from_users(self, adj: Adjacency, x_users: Tensor,
+                         clips: Tensor | None = None) -> Tensor:
+        total = self.pos_sums if adj is self.graph.pos else self.neg_sums  # (C, d)
+        return total if clips is None else total[clips]
+
+
+def _no_users(n_clips: int) -> Adjacency:
+    """An empty (0 x C) adjacency and its (C x 0) transpose."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return Adjacency(csr_tensor(torch.zeros(1, dtype=torch.long), empty, torch.zeros(0),
+                                (0, n_clips)),
+                     csr_tensor(torch.zeros(n_clips + 1, dtype=torch.long), empty,
+                                torch.zeros(0), (n_clips, 0)))
 
 
 def _all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:

@@ -25,9 +25,8 @@ from frame_dist.config import Config
 from frame_dist.graph import IdMap, encode_interactions
 from frame_dist.metrics import all_metrics
 from frame_dist.model import FRAME
-from frame_dist.partition import load_clip_features, load_shards, read_graph_manifest
 from frame_dist.trainer import predict
-from frame_dist.worker_data import WorkerData
+from frame_dist.worker_data import WorkerData, whole_graph
 
 
 def load_trained_model(store: Store, run_name: str) -> tuple[FRAME, dict[str, Any]]:
@@ -42,19 +41,6 @@ def load_trained_model(store: Store, run_name: str) -> tuple[FRAME, dict[str, An
     model.load_state_dict(saved["state_dict"])
     model.eval()
     return model, saved["config"]
-
-
-def whole_graph(store: Store, n_clips: int, use_negative: bool = True
-                ) -> tuple[WorkerData, dict[str, Any]]:
-    """Every shard of the committed graph merged into one process's WorkerData."""
-    manifest = read_graph_manifest(store, n_clips)
-    if manifest is None:
-        raise StoreError(f"no committed graph for N_c={n_clips}: run the graph stage first")
-    shard, manifest = load_shards(store, n_clips, list(range(manifest["n_shards"])))
-    features = load_clip_features(store, manifest, shard.video_ids)
-    data = WorkerData.from_shard(shard, n_clips, manifest["n_train"], features,
-                                 with_negative=use_negative)
-    return data, manifest
 
 
 def split_pairs(store: Store, data: WorkerData, manifest: dict[str, Any], split: str

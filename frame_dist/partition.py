@@ -310,6 +310,43 @@ def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, 
     return shard, manifest
 
 
+def load_whole_graph(store: Store, n_clips: int) -> tuple[Shard, dict[str, Any]]:
+    """Every shard of the committed graph merged into one :class:`Shard` in the *global* space.
+
+    The one place the whole graph is assembled in one process (the evaluate stage, the score
+    stage's single-process path, benchmarks). Local row i is user i of the manifest's
+    ``user_ids`` and local video v is video v of its ``video_ids``: **every** video of the graph,
+    also the ones nobody interacted with (``video_ids = arange(N)``), so local clip v * N_c + j
+    is global clip v * N_c + j. Interaction indices are global too. Raises
+    :class:`PartitionError` when the graph is missing or its shards do not hold every user of
+    the manifest exactly once.
+    """
+    manifest = read_graph_manifest(store, n_clips)
+    if manifest is None:
+        raise PartitionError(f"no committed graph for N_c={n_clips} in "
+                             f"{store.uri(graph_dir(n_clips))}: run the graph stage first")
+    merged, manifest = load_shards(store, n_clips, list(range(manifest["n_shards"])))
+    n_users, n_videos = manifest["n_users"], manifest["n_videos"]
+    if not np.array_equal(np.sort(merged.user_rows), np.arange(n_users)):
+        raise PartitionError(f"graph N_c={n_clips}: its shards hold {merged.n_users} user rows, "
+                             f"not each of the manifest's {n_users} users once")
+
+    def to_global(matrix: sp.csr_matrix) -> sp.csr_matrix:
+        coo = matrix.tocoo()
+        video = merged.video_ids[coo.col // n_clips]  # merged video -> global video
+        return sp.csr_matrix((coo.data, (merged.user_rows[coo.row],
+                                         video * n_clips + coo.col % n_clips)),
+                             shape=(n_users, n_videos * n_clips), dtype=np.float32)
+
+    def split_to_global(part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return part | {"user": merged.user_rows[part["user"]],
+                       "video": merged.video_ids[part["video"]]}
+
+    whole = Shard(-1, np.arange(n_users), np.arange(n_videos), to_global(merged.pos),
+                  to_global(merged.neg), *(split_to_global(getattr(merged, s)) for s in SPLITS))
+    return whole, manifest
+
+
 def check_graph(store: Store, n_clips: int, workers: int) -> dict[str, Any]:
     """Fail before training when the graph is absent, has too few shards, or lost a file."""
     manifest = read_graph_manifest(store, n_clips)

@@ -1,16 +1,14 @@
 """Stage [score]: the top-K videos of every user, with Ray Data over user chunks.
 
-1. **Embeddings, once, in one process** (:func:`prepare_scoring`). FRAME is rebuilt from
-   ``<store>/runs/<train.run_name>/model.pt``; every shard of the committed graph for the run's
-   N_c is merged (``load_shards``) and renumbered into the *global* space (user row = position
-   in the manifest's ``user_ids``, clip ``v * N_c + j`` for every video v of the manifest), and
-   ``model.embeddings`` propagates once: H_c (N N_c, d), H_u^p and H_u^n (M, d). This is the
-   single-process path, as in the evaluate stage: one process holds the whole graph and the
-   clip feature table (fine up to tens of millions of edges). A partitioned computation would
-   run the training stage's propagation on W workers instead (each worker its shards' users,
-   the clip sums of eq. 8 all-reduced), so each worker ends with the H_u of its own users and
-   the same H_c, fuses them (step 2) and feeds its own users' chunks to step 3; nothing after
-   step 2 would change, since scoring is already partitioned by users.
+1. **Embeddings, once** (:func:`prepare_scoring`, ``frame_dist.embeddings``). FRAME is rebuilt
+   from ``<store>/runs/<train.run_name>/model.pt`` and propagated once over the committed graph
+   for the run's N_c, in the *global* space (user row = position in the manifest's
+   ``user_ids``, clip ``v * N_c + j`` for every video v of the manifest): H_c (N N_c, d), H_u^p
+   and H_u^n (M, d). A graph of one shard is propagated in one process (``whole_graph``); a
+   partitioned graph by one Ray task per shard, each holding only its shard and the clip
+   features of its videos, computing its users' H_u (eq. 7, local) and its partial clip sums of
+   eq. 8, which the driver adds up before W^(2), ReLU and eqs. 9-10. The driver holds the
+   C x d and M x d tables, never the graph or the C x F clip features.
 
 2. **Fused tables** (:func:`fuse_tables`). MLP^p([h_u; h_c]) = w_p^T ReLU(W_p [h_u; h_c] + b_p)
    + c_p (eq. 11) splits its first layer into a user part and a clip part, so with G = 2H
@@ -83,14 +81,10 @@ from torch import Tensor
 
 from feature_store.store import Part, Store, StoreError, open_filesystem
 from frame_dist.config import Config, ConfigError
-from frame_dist.graph import GraphError, IdMap, adjacency
+from frame_dist.embeddings import graph_embeddings, rebuild_model
+from frame_dist.graph import GraphError, IdMap
 from frame_dist.model import FRAME
-from frame_dist.partition import (
-    load_clip_features,
-    load_shards,
-    read_graph_manifest,
-)
-from frame_dist.propagation import PropagationGraph
+from frame_dist.partition import read_graph_manifest
 from frame_dist.schemas import SCORES
 
 SCORES_TABLE = "scores"
@@ -302,47 +296,6 @@ class FusedScorer:
 
 
 @dataclass
-class GlobalGraph:
-    """The committed graph of one N_c in the global user and clip space (module docstring)."""
-
-    graph: PropagationGraph  # R~^p, R~^n: (M, N N_c)
-    clip_features: Tensor | None  # (N N_c, F) standardised f_c; None for use_visual=False
-    train_users: np.ndarray  # (n_train,) global user index of every training interaction
-    train_videos: np.ndarray  # (n_train,) global video index
-    manifest: dict[str, Any]
-
-
-def load_global_graph(store: Store, n_clips: int, use_negative: bool = True,
-                      with_features: bool = True) -> GlobalGraph:
-    """Every shard of the committed graph merged and renumbered into the global space."""
-    manifest = read_graph_manifest(store, n_clips)
-    if manifest is None:
-        raise StoreError(f"no committed graph for N_c={n_clips} in {store.uri('graphs')}: run "
-                         "the graph stage first")
-    shard, manifest = load_shards(store, n_clips, list(range(manifest["n_shards"])))
-    n_users, n_videos = manifest["n_users"], manifest["n_videos"]
-    if not np.array_equal(np.sort(shard.user_rows), np.arange(n_users)):
-        raise ScoreError(f"graph N_c={n_clips}: its shards hold {len(shard.user_rows)} user "
-                         f"rows, not each of the manifest's {n_users} users once")
-
-    def to_global(matrix: sp.csr_matrix) -> sp.csr_matrix:
-        coo = matrix.tocoo()
-        video = shard.video_ids[coo.col // n_clips]  # merged local video -> global video
-        cols = video * n_clips + coo.col % n_clips
-        return sp.csr_matrix((coo.data, (shard.user_rows[coo.row], cols)),
-                             shape=(n_users, n_videos * n_clips), dtype=np.float32)
-
-    graph = PropagationGraph(adjacency(to_global(shard.pos)),
-                             adjacency(to_global(shard.neg)) if use_negative else None,
-                             clips_per_video=n_clips)
-    features = None
-    if with_features:
-        features = torch.from_numpy(load_clip_features(store, manifest, np.arange(n_videos)))
-    return GlobalGraph(graph, features, shard.user_rows[shard.train["user"]],
-                       shard.video_ids[shard.train["video"]], manifest)
-
-
-@dataclass
 class ScoringInputs:
     """Everything the actors need, computed once on the driver (:func:`prepare_scoring`)."""
 
@@ -353,6 +306,7 @@ class ScoringInputs:
     identity: dict[str, Any]  # what makes two result sets comparable (module docstring)
     cold_users: int  # users without any training interaction (H_u = 0)
     n_chunks: int
+    shard_tasks: int = 0  # Ray tasks that computed the embeddings (0: one process)
 
 
 def read_candidates(path: str, store: Store, videos: IdMap) -> np.ndarray:
@@ -436,21 +390,19 @@ def plan_scoring(cfg: Config, store: Store) -> ScoringPlan:
 @torch.inference_mode()
 def prepare_scoring(cfg: Config, store: Store, plan: ScoringPlan | None = None
                     ) -> ScoringInputs:
-    """Rebuild the run's model, propagate once over the whole graph, fuse the tables."""
+    """Rebuild the run's model, propagate once over the whole graph, fuse the tables.
+
+    One process for a graph of one shard, one Ray task per shard otherwise (module doc).
+    """
     plan = plan if plan is not None else plan_scoring(cfg, store)
-    model = FRAME(**plan.saved["model_args"])
-    model.load_state_dict(plan.saved["state_dict"])
-    model.eval()
+    model = rebuild_model(plan.saved)
     n_clips = plan.identity["n_clips"]
-    whole = load_global_graph(store, n_clips, model.use_negative, model.use_visual)
+    whole = graph_embeddings(model, store, n_clips, cfg.score.shard_task_cpus)
     if whole.manifest["fingerprint"] != plan.identity["graph"]:
         raise ScoreError(f"the graph for N_c={n_clips} was rebuilt while scoring started")
-    if not model.use_visual and model.n_clips_total != whole.graph.n_clips:
-        raise ScoreError(f"run {cfg.train.run_name}: its clip table has {model.n_clips_total} "
-                         f"rows, the graph N_c={n_clips} has {whole.graph.n_clips} clips")
-    h_c, h_u_pos, h_u_neg = model.embeddings(whole.clip_features, whole.graph)
     candidates = plan.candidates
-    tables = fuse_tables(model, h_c, h_u_pos, h_u_neg, n_clips, torch.from_numpy(candidates))
+    tables = fuse_tables(model, whole.h_c, whole.h_u_pos, whole.h_u_neg, n_clips,
+                         torch.from_numpy(candidates))
     for name in ("user_table", "clip_thresholds", "out_weight"):
         if not torch.isfinite(getattr(tables, name)).all():
             raise ScoreError(f"run {cfg.train.run_name}: non-finite values in the fused "
@@ -472,7 +424,8 @@ def prepare_scoring(cfg: Config, store: Store, plan: ScoringPlan | None = None
     video_ids = pa.array(whole.manifest["video_ids"], pa.string())
     return ScoringInputs(tables, pa.array(whole.manifest["user_ids"], pa.string()),
                          pc.take(video_ids, pa.array(candidates)), seen, plan.identity,
-                         cold_users=int((~has_train).sum()), n_chunks=plan.n_chunks)
+                         cold_users=int((~has_train).sum()), n_chunks=plan.n_chunks,
+                         shard_tasks=whole.tasks)
 
 
 # --------------------------------------------------------------------------- Ray Data actors
@@ -582,6 +535,7 @@ class ScoreSummary:
     started_over: bool  # another identity was committed before: replaced
     seconds: float
     table_uri: str
+    shard_tasks: int = 0  # Ray tasks that computed the embeddings (0: one process)
 
     def line(self) -> str:
         if not self.scored_chunks:
@@ -589,8 +543,9 @@ class ScoreSummary:
                     f"committed with this run identity) -> {self.table_uri}")
         return (f"score: {self.users} users x {self.candidates} candidate videos; "
                 f"{self.scored_chunks} chunks scored, {self.skipped_chunks} skipped (already "
-                f"committed); {self.rows} rows, {self.cold_users} cold users; kernel "
-                f"{self.kernel}, {self.actors} actor(s), {self.seconds:.1f}s -> "
+                f"committed); {self.rows} rows, {self.cold_users} cold users; embeddings "
+                f"{f'{self.shard_tasks} shard tasks' if self.shard_tasks else 'one process'}; "
+                f"kernel {self.kernel}, {self.actors} actor(s), {self.seconds:.1f}s -> "
                 f"{self.table_uri}")
 
 
@@ -608,7 +563,7 @@ def committed_chunks(store: Store, identity: dict[str, Any]) -> set[int] | None:
 def resolve_kernel(kernel: str, use_gpu: bool, inputs: ScoringInputs, actors: int) -> str:
     """``auto``: eager on GPUs and for small work; compiled for large CPU work with a compiler."""
     if kernel not in KERNELS:
-        raise ConfigError(f"score kernel={kernel!r} must be one of {list(KERNELS)}")
+        raise ConfigError(f"score.kernel={kernel!r} must be one of {list(KERNELS)}")
     if kernel != "auto":
         return kernel
     if use_gpu:
@@ -621,14 +576,16 @@ def resolve_kernel(kernel: str, use_gpu: bool, inputs: ScoringInputs, actors: in
         else "eager"
 
 
-def run_scoring(cfg: Config, store: Store, *, kernel: str = "auto",
-                videos_per_block: int = VIDEOS_PER_BLOCK, actors: int | None = None,
-                inputs: ScoringInputs | None = None) -> ScoreSummary:
+def run_scoring(cfg: Config, store: Store, *, inputs: ScoringInputs | None = None
+                ) -> ScoreSummary:
     """Score every user against the candidates with Ray Data; commit the top-K (module doc).
 
-    ``kernel``: "auto", "eager" or "compiled" (:class:`FusedScorer`); ``actors``: size of the
-    actor pool (default: one per GPU, else one per CPU, at most one per chunk to score).
+    Settings from ``cfg.score``: ``kernel`` ("auto", "eager" or "compiled",
+    :class:`FusedScorer`), ``videos_per_block``, ``actors`` (the actor pool; 0: one per GPU, else
+    one per CPU; never more than chunks to score). ``inputs`` (benchmarks) skips the
+    propagation and uses these tables and this identity instead.
     """
+    s = cfg.score
     start = time.monotonic()
     plan = None
     if inputs is None:
@@ -663,10 +620,10 @@ def run_scoring(cfg: Config, store: Store, *, kernel: str = "auto",
     init_ray()
     use_gpu = cluster_has_gpus()
     resources = ray.cluster_resources()
-    if actors is None:
-        actors = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 1))
+    actors = s.actors or (int(resources.get("GPU", 0)) if use_gpu
+                          else int(resources.get("CPU", 1)))
     n_actors = max(1, min(actors, len(todo)))
-    used_kernel = resolve_kernel(kernel, use_gpu, inputs, n_actors)
+    used_kernel = resolve_kernel(s.kernel, use_gpu, inputs, n_actors)
     t = inputs.tables
     clip_side = {"ref": ray.put({
         "clip_thresholds": t.clip_thresholds.numpy(), "out_weight": t.out_weight.numpy(),
@@ -676,7 +633,7 @@ def run_scoring(cfg: Config, store: Store, *, kernel: str = "auto",
         ScoreChunks, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs=dict(clip_side=clip_side, store=store,
                                    top_k=cfg.score.top_k, kernel=used_kernel,
-                                   use_gpu=use_gpu, videos_per_block=videos_per_block),
+                                   use_gpu=use_gpu, videos_per_block=s.videos_per_block),
         compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1,
         num_gpus=1 if use_gpu else 0)
     _commit_as_they_arrive(ds, store, cfg, inputs, done, replace=started_over)
@@ -685,6 +642,7 @@ def run_scoring(cfg: Config, store: Store, *, kernel: str = "auto",
         scored_chunks=len(todo), skipped_chunks=n_chunks - len(todo),
         rows=sum(p.rows for p in table.parts()), cold_users=inputs.cold_users,
         kernel=used_kernel, actors=n_actors, started_over=started_over,
+        shard_tasks=inputs.shard_tasks,
         seconds=time.monotonic() - start, table_uri=store.uri("tables", SCORES_TABLE))
     print(summary.line(), flush=True)
     return summary
@@ -742,7 +700,6 @@ def read_scores(store: Store) -> pa.Table:
     return table.sort_by([("user_id", "ascending"), ("rank", "ascending")])
 
 
-__all__ = ["FusedScorer", "FusedTables", "GlobalGraph", "ScoreChunks", "ScoreError",
-           "ScoreSummary", "ScoringInputs", "ScoringPlan", "committed_chunks", "fuse_tables",
-           "load_global_graph", "plan_scoring", "prepare_scoring", "read_candidates",
-           "read_scores", "run_scoring", "top_k_table"]
+__all__ = ["FusedScorer", "FusedTables", "ScoreChunks", "ScoreError", "ScoreSummary",
+           "ScoringInputs", "ScoringPlan", "committed_chunks", "fuse_tables", "plan_scoring",
+           "prepare_scoring", "read_candidates", "read_scores", "run_scoring", "top_k_table"]

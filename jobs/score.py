@@ -1,6 +1,7 @@
 """Stage [score]: the top-K videos of every user (Ray Data over user chunks) -> ``scores``.
 
     python -m jobs.score --config configs/demo.yaml score.top_k=20
+    python -m jobs.score --config configs/demo.yaml score.kernel=eager score.actors=2
     ray job submit --working-dir . -- python -m jobs.score --config configs/demo.yaml
 
 Scores the trained run ``train.run_name`` (its model.pt) against every video of its graph, or the
@@ -8,7 +9,9 @@ videos of ``score.candidates`` (a Parquet or CSV file with a video_id column); w
 ``score.exclude_seen`` a user's training videos are never recommended. Writes the committed
 table ``<store>/tables/scores`` (user_id, rank, video_id, score). Submitting again resumes: only
 user chunks not yet committed are scored; another model or other score settings start over.
-See docs/score.md.
+A partitioned graph is propagated by one Ray task per shard. ``score.kernel``,
+``score.videos_per_block``, ``score.actors`` and ``score.shard_task_cpus`` tune the run without
+changing its result. See docs/score.md.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from frame_dist.scoring import ScoreSummary, run_scoring
 
 def score(cfg: Config) -> ScoreSummary:
     # refuses a missing run / graph / candidate file first; propagates and joins Ray
-    # (init_ray) only when chunks are left to score
+    # (init_ray) only when chunks are left to score; every setting comes from cfg.score
     return run_scoring(cfg, Store.from_config(cfg.store))
 
 

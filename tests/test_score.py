@@ -8,7 +8,10 @@ graph), and that video is therefore not a candidate. A small FRAME is trained wi
 single-process trainer and saved as ``runs/tiny/model.pt`` by the training stage's own writer.
 
 The reference is the model's own forward pass (``FRAME.score_pairs`` on the merged shards, in
-the graph's local spaces) for every (user, video) pair, sorted per user.
+the graph's local spaces) for every (user, video) pair, sorted per user. The graph has two
+shards, so every job run here computes its embeddings with one Ray task per shard
+(``frame_dist.embeddings.sharded_embeddings``); a copy with three shards and a video nobody
+watched compares that path with the single-process one.
 """
 
 from __future__ import annotations
@@ -28,12 +31,20 @@ import pytest
 import torch
 from test_train_loop import (  # tests/ is on sys.path (pytest)
     BASE,
+    GRID,
     _single_process,
     _write_topic_features,
 )
 
+from feature_store.frames import (
+    commit_frame_parts,
+    frame_features_table,
+    stored_identity,
+    write_frame_part,
+)
 from feature_store.store import Store, StoreError
-from frame_dist.config import load_config
+from frame_dist.config import ConfigError, load_config
+from frame_dist.embeddings import graph_embeddings, sharded_embeddings, whole_graph_embeddings
 from frame_dist.model import FRAME
 from frame_dist.partition import build_shards, load_clip_features, load_shards
 from frame_dist.scoring import (
@@ -48,7 +59,7 @@ from frame_dist.scoring import (
 )
 from frame_dist.train_loop import write_outputs
 from frame_dist.trainer import build_model
-from frame_dist.worker_data import WorkerData
+from frame_dist.worker_data import WorkerData, whole_graph
 from jobs import ingest as ingest_job
 from jobs import score as score_job
 
@@ -56,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = "tiny"
 COLD = ["u0003", "u0011"]  # lose their training rows
 GHOST = "ghost"  # interacts only with NO_FEATURES
+UNWATCHED = "zz-unwatched"  # three_shards: frame features, no interaction
 TOL = 1e-5
 
 
@@ -90,7 +102,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
     overrides = [*BASE, f"store.root={root}/store", f"world.out_dir={root}/world",
                  f"train.run_name={RUN}", "train.epochs=2", "score.top_k=3",
-                 "score.users_per_chunk=5"]
+                 "score.users_per_chunk=5", "score.kernel=eager"]
     assert ingest_job.main(overrides) == 0
     cfg = load_config(None, overrides)
     store = Store.from_config(cfg.store)
@@ -174,7 +186,7 @@ def _fresh(world, tmp_path, *extra: str):
 def clean_run(world, ray_local):
     """score.top_k=3, exclude_seen, users_per_chunk=5 on the module's store."""
     cfg, store, _, _ = world
-    summary = run_scoring(cfg, store, kernel="eager")
+    summary = run_scoring(cfg, store)
     return summary, read_scores(store)
 
 
@@ -284,19 +296,20 @@ def test_rerun_is_skipped_and_new_identity_starts_over(world, reference, clean_r
     cfg, store, overrides = _fresh(world, tmp_path)
     shutil.copytree(world[1].path("tables", SCORES_TABLE), store.path("tables", SCORES_TABLE))
     version = store.table(SCORES_TABLE).manifest()["version"]
-    again = run_scoring(cfg, store, kernel="eager")
+    again = run_scoring(cfg, store)
     assert again.scored_chunks == 0 and again.skipped_chunks == 5
     assert again.kernel == "-" and again.users == 24 and again.rows == clean_run[0].rows
     assert store.table(SCORES_TABLE).manifest()["version"] == version  # nothing committed
     # a driver killed between its last chunk and the final commit: only the mark is missing
     store.table(SCORES_TABLE).commit([], {"complete": False})
-    assert run_scoring(cfg, store, kernel="eager").scored_chunks == 0
+    assert run_scoring(cfg, store).scored_chunks == 0
     assert store.table(SCORES_TABLE).metadata()["complete"] is True
     assert len(store.table(SCORES_TABLE).parts()) == 5
 
     # another K and no exclusion: the old result set is replaced, not mixed
-    cfg = load_config(None, [*overrides, "score.top_k=50", "score.exclude_seen=false"])
-    summary = run_scoring(cfg, store, kernel="eager", actors=1)
+    cfg = load_config(None, [*overrides, "score.top_k=50", "score.exclude_seen=false",
+                             "score.actors=1"])
+    summary = run_scoring(cfg, store)
     assert summary.started_over and summary.scored_chunks == 5
     got = _lists(read_scores(store))
     _assert_same_lists(got, _naive_top_k(reference, 50, exclude_seen=False))
@@ -307,8 +320,9 @@ def test_rerun_is_skipped_and_new_identity_starts_over(world, reference, clean_r
     assert {(u, v) for u, lst in got.items() for v, _ in lst} >= seen  # seen ones included
 
     # K > candidates with the exclusion: everything but the user's training videos
-    cfg = load_config(None, [*overrides, "score.top_k=50"])
-    assert run_scoring(cfg, store, actors=1).kernel == "eager"  # "auto", tiny: no compile
+    cfg = load_config(None, [*overrides, "score.top_k=50", "score.kernel=auto",
+                             "score.actors=1"])
+    assert run_scoring(cfg, store).kernel == "eager"  # "auto", tiny: no compile
     got = _lists(read_scores(store))
     _assert_same_lists(got, _naive_top_k(reference, 50, exclude_seen=True))
     assert len(got[COLD[0]]) == 9 and min(len(v) for v in got.values()) < 9
@@ -326,8 +340,9 @@ def test_candidates_file_restricts_the_videos(world, reference, ray_local, tmp_p
                                                     .to_pylist()) + "\n")
     else:
         pq.write_table(table, path)
-    cfg, store, _ = _fresh(world, tmp_path, f"score.candidates={path}", "score.top_k=3")
-    summary = run_scoring(cfg, store, kernel="eager", actors=1)
+    cfg, store, _ = _fresh(world, tmp_path, f"score.candidates={path}", "score.top_k=3",
+                           "score.actors=1")
+    summary = run_scoring(cfg, store)
     assert summary.candidates == 4
     got = _lists(read_scores(store))
     _assert_same_lists(got, _naive_top_k(reference, 3, True, candidates=set(chosen)))
@@ -392,3 +407,147 @@ def test_killed_driver_resumes_to_the_clean_result(world, clean_run, ray_local, 
     table.vacuum()
     assert len(store.fs.ls(store.path("tables", SCORES_TABLE, "parts"))) == len(table.parts())
     assert table.metadata()["identity"] == world[1].table(SCORES_TABLE).metadata()["identity"]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("override, message", [
+    ("score.kernel=fast", "score.kernel='fast' must be one of ['auto', 'eager', 'compiled']"),
+    ("score.actors=-1", "score.actors=-1 must be >= 0 (0: one per GPU, else one per CPU)"),
+    ("score.actors=two", "score.actors must be an integer, got 'two'"),
+    ("score.videos_per_block=0", "score.videos_per_block=0 must be > 0"),
+    ("score.shard_task_cpus=0", "score.shard_task_cpus=0.0 must be > 0"),
+    ("score.users_per_chunk=0", "score.users_per_chunk=0 must be > 0"),
+])
+def test_invalid_score_settings_name_the_field(override, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_score_settings_from_the_command_line(tmp_path) -> None:
+    cfg = load_config(None, ["score.kernel=compiled", "score.actors=2",
+                             "score.videos_per_block=512", "score.shard_task_cpus=0.5"])
+    s = cfg.score
+    assert (s.kernel, s.actors, s.videos_per_block, s.shard_task_cpus) == (
+        "compiled", 2, 512, 0.5)
+    default = load_config().score
+    assert (default.kernel, default.actors, default.videos_per_block) == ("auto", 0, 4096)
+    cfg.save(tmp_path / "resolved.yaml")  # the resolved config beside the table loads back
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+# --------------------------------------------------------------------------- sharded embeddings
+
+
+def _add_unwatched_video(store: Store, video_id: str) -> None:
+    """Frame features for a video without any interaction (a candidate from its looks alone)."""
+    rng = np.random.default_rng(3)
+    times = (np.arange(GRID)[None] + 0.5) / GRID  # (1, G)
+    feats = (5 + rng.normal(size=(1, GRID, 2048))).astype(np.float32)  # (1, G, 2048)
+    part = write_frame_part(store, frame_features_table([video_id], times, feats), [video_id])
+    commit_frame_parts(store, [part], stored_identity(store))
+
+
+@pytest.fixture(scope="module")
+def three_shards(world, tmp_path_factory):
+    """The module's store with the graph rebuilt in three shards and an unwatched video."""
+    tmp_path = tmp_path_factory.mktemp("three-shards")
+    cfg, store, overrides = _fresh(world, tmp_path, "graph.n_shards=3")
+    _add_unwatched_video(store, UNWATCHED)
+    manifest = build_shards(cfg, store)
+    assert manifest["n_shards"] == 3 and UNWATCHED in manifest["video_ids"]
+    assert all(s["users"] > 0 for s in manifest["shards"])
+    return cfg, store, overrides, manifest
+
+
+def _model_variant(name: str, store: Store, n_total: int) -> FRAME:
+    """The trained run, or an untrained model of another shape (random, non-zero biases)."""
+    if name == "trained":
+        saved = torch.load(store.path(f"runs/{RUN}/model.pt"), weights_only=True)
+        model = FRAME(**saved["model_args"])
+        model.load_state_dict(saved["state_dict"])
+        return model.eval()
+    torch.manual_seed(5)
+    kwargs = {"no_negative": dict(use_negative=False),
+              "free_clip_table": dict(use_visual=False, n_clips_total=n_total),
+              "trainable_features": dict(trainable_clip_features=True,
+                                         n_clips_total=n_total)}[name]
+    model = FRAME(2048, dim=16, hidden=32, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["trained", "no_negative", "free_clip_table",
+                                     "trainable_features"])
+def test_sharded_embeddings_equal_single_process_and_forward(three_shards, ray_local,
+                                                             variant) -> None:
+    """One Ray task per shard plus the driver's sum = the whole graph in one process = the
+    model's own forward on every (user, video) pair."""
+    _, store, _, manifest = three_shards
+    n_c, n_users, n_videos = 4, manifest["n_users"], manifest["n_videos"]
+    model = _model_variant(variant, store, n_videos * n_c)
+    data, _ = whole_graph(store, n_c, model.use_negative)
+    if variant == "trainable_features":  # the table starts from the extracted features
+        model.init_clip_features(data.clip_features + 0.1)
+
+    single = whole_graph_embeddings(model, store, n_c)
+    sharded = sharded_embeddings(model, store, n_c)
+    assert (single.tasks, sharded.tasks) == (0, 3)
+    assert graph_embeddings(model, store, n_c).tasks == 3  # 3 shards: the sharded path
+    assert sharded.h_c.shape == (n_videos * n_c, 16) and sharded.h_u_pos.shape == (n_users, 16)
+    for name in ("h_c", "h_u_pos", "h_u_neg"):
+        got, expected = getattr(sharded, name), getattr(single, name)
+        if not model.use_negative and name == "h_u_neg":
+            assert got is None and expected is None
+            continue
+        torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+    assert (sorted(zip(sharded.train_users.tolist(), sharded.train_videos.tolist()))
+            == sorted(zip(single.train_users.tolist(), single.train_videos.tolist())))
+    assert len(sharded.train_users) == manifest["n_train"]
+    # tasks sent their C_k x d tables and user rows, never the clip features (C_k x 2048)
+    clips_in_shards = sum(s["videos"] for s in manifest["shards"]) * n_c
+    tables = 3 if model.use_negative else 2
+    assert sharded.bytes_from_tasks < (clips_in_shards * tables + 2 * n_users) * 16 * 4 + 10**5
+
+    users = torch.arange(n_users).repeat_interleave(n_videos)  # every (user, video) pair
+    videos = torch.arange(n_videos).repeat(n_users)
+    with torch.no_grad():
+        forward = model.score_pairs(data.clip_features, data.graph, users, videos)
+        from_tables = model.video_scores(users, videos, sharded.h_c, sharded.h_u_pos,
+                                         sharded.h_u_neg, n_c)
+        torch.testing.assert_close(from_tables, forward, atol=TOL, rtol=0)
+        # nobody watched it: no neighbour, H_c = alpha_0 H_c^(0) (eq. 10)
+        v = manifest["video_ids"].index(UNWATCHED)
+        clips = torch.arange(v * n_c, (v + 1) * n_c)
+        h_c0 = model.clip_input(data.clip_features[clips], clips)
+        torch.testing.assert_close(sharded.h_c[clips], model.layer_weights[0] * h_c0,
+                                   atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_job_over_three_shards_ranks_as_the_forward(three_shards, ray_local, capsys) -> None:
+    """``python -m jobs.score ... score.kernel=eager score.actors=2`` on the 3-shard graph."""
+    _, store, overrides, manifest = three_shards
+    assert score_job.main([*overrides, "score.kernel=eager", "score.actors=2"]) == 0
+    out = capsys.readouterr().out
+    assert "embeddings 3 shard tasks; kernel eager, 2 actor(s)" in out
+    model = _model_variant("trained", store, 0)
+    data, _ = whole_graph(store, 4)
+    n_users, n_videos = len(data.user_rows), len(data.video_ids)
+    users = torch.arange(n_users).repeat_interleave(n_videos)
+    videos = torch.arange(n_videos).repeat(n_users)
+    with torch.no_grad():
+        logits = model.score_pairs(data.clip_features, data.graph, users, videos)
+    user_ids, video_ids = manifest["user_ids"], manifest["video_ids"]
+    scores = {(user_ids[u], video_ids[v]): float(s)
+              for u, v, s in zip(users.tolist(), videos.tolist(), logits.tolist())}
+    seen = {(user_ids[u], video_ids[v]) for u, v in zip(data.train_users.tolist(),
+                                                       data.train_videos.tolist())}
+    expected = _naive_top_k((scores, seen, sorted(user_ids), sorted(video_ids)), 3, True)
+    assert (user_ids[0], UNWATCHED) in scores  # the unwatched video is a candidate
+    _assert_same_lists(_lists(read_scores(store)), expected)
