@@ -115,6 +115,16 @@ class Store:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes_atomic(rel, text.encode())
+
+    def list_dir(self, rel: str) -> list[str]:
+        """Names of the entries directly under ``rel`` (sorted; empty when it does not exist)."""
+        path = self.path(rel)
+        if not self.fs.exists(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old or the new content."""

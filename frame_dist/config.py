@@ -151,7 +151,7 @@ class ScoreConfig:
 class SweepConfig:
     # N_c values of the N_c sweep (jobs.sweep), each a divisor of extract.grid_size (G); each
     # trains its own run <train.run_name>_nc<N_c> on the same frame features. Empty: the powers
-    # of two up to 16 that divide G (1, 2, 4, 8, 16 for the paper's grid)
+    # of two up to 64 that divide G (1 ... 16 on a 16-frame grid; extract G = 64 for 32 and 64)
     n_clips: tuple[int, ...] = ()
     name: str = ""  # the sweep's table and plot go to <store>/sweeps/<name> (empty: run_name)
 

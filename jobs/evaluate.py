@@ -1,10 +1,11 @@
-"""Stage [evaluate]: test metrics of a trained run, next to the oracle's where the truth is known.
+"""Stage [evaluate]: test metrics of a trained run, next to the oracle's, and the run report.
 
     python -m jobs.evaluate --config configs/demo.yaml train.run_name=frame
     ray job submit --working-dir . -- python -m jobs.evaluate --config configs/demo.yaml
 
 Reads only the store (model.pt of the run, the committed graph, the interactions); writes
-``<store>/runs/<run>/evaluation.json`` and prints the metrics table.
+``<store>/runs/<run>/evaluation.json`` and the run report (``report.md`` with its plots, see
+docs/report.md) beside it, and prints the metrics table and the report's path.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
 from frame_dist.evaluate import evaluate_run, metrics_table
+from frame_dist.report import write_report
 
 
 def evaluate(cfg: Config) -> dict:
-    result = evaluate_run(cfg, Store.from_config(cfg.store))
+    store = Store.from_config(cfg.store)
+    result = evaluate_run(cfg, store)
     print(f"evaluate: run {result['run']} (N_c={result['n_clips']}), "
           f"{result['model']['n']} test interactions")
     print(metrics_table(result))
+    print(f"report: {write_report(cfg, store, result)}")
     return result
 
 

@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.pipeline --config configs/demo.yaml
 
 Stages talk only through the feature store (``store.root``), so a failed run can be re-launched
-and continues where it stopped.
+and continues where it stopped. The last lines printed are the run's metrics table and the path
+of its report (``<store>/runs/<train.run_name>/report.md``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             return rc
         print(f"== stage {name} done in {time.perf_counter() - t0:.1f}s", flush=True)
     print(f"pipeline finished in {time.perf_counter() - start:.1f}s; store: {cfg.store.root}")
+    from feature_store.store import Store
+    from frame_dist.report import run_summary
+
+    print(run_summary(Store.from_config(cfg.store), cfg.train.run_name), flush=True)
     return EXIT_OK
 
 

@@ -1,0 +1,214 @@
+"""The run report (frame_dist/report.py), written by the evaluate stage (jobs/evaluate.py).
+
+One tiny store for the module: the synthetic world of tests/test_train_loop.py (real ingest),
+frame features written directly (one random vector per visual topic plus noise), a small FRAME
+trained by the single-process trainer and saved with the training stage's own writer, then
+``jobs.evaluate`` (evaluation.json + report). The references are recomputed here: the metrics
+from evaluation.json, the skip clip from the interaction's watch ratio (``clip_labels``), the
+clip scores from a full propagation of the saved model (``FRAME.embeddings`` +
+``FRAME.clip_scores``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train_loop import BASE, _single_process, _write_topic_features  # tests/ on sys.path
+
+from feature_store.store import Store
+from frame_dist.config import load_config
+from frame_dist.evaluate import whole_graph
+from frame_dist.graph import clip_labels
+from frame_dist.model import FRAME
+from frame_dist.partition import build_shards
+from frame_dist.report import (
+    CASE_PLOT,
+    CURVE_PLOT,
+    N_CLIPS_PLOT,
+    REPORT,
+    SUMMARY,
+    pick_skip,
+    run_summary,
+)
+from frame_dist.train_loop import write_outputs
+from frame_dist.trainer import build_model
+from jobs import evaluate as evaluate_job
+from jobs import ingest as ingest_job
+
+RUN = "tiny"
+PNG = b"\x89PNG\r\n\x1a\n"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    overrides = [*BASE, f"store.root={root}/store", f"world.out_dir={root}/world",
+                 f"train.run_name={RUN}", "train.epochs=2"]
+    assert ingest_job.main(overrides) == 0
+    cfg = load_config(None, overrides)
+    store = Store.from_config(cfg.store)
+    _write_topic_features(store)
+    build_shards(cfg, store)
+    result = _single_process(cfg, store)
+    model = build_model(cfg.model, 2048, seed=cfg.train.seed)
+    model.load_state_dict(result.best_state)
+    state = {"history": result.history, "best_epoch": result.best_epoch, "global_step": 4,
+             "resumes": []}
+    write_outputs(cfg, store, model, state, {}, "test-fingerprint")
+    assert evaluate_job.main(overrides) == 0
+    return cfg, store, overrides
+
+
+def _table_row(markdown: str, who: str) -> dict[str, str]:
+    """The cells of row ``who`` of the first markdown table with such a row, by header."""
+    lines = markdown.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {who} |"))
+    start = i
+    while start > 0 and lines[start - 1].startswith("|"):
+        start -= 1
+    header = lines[start]
+    names = [c.strip() for c in header.strip("|").split("|")]
+    cells = [c.strip() for c in lines[i].strip("|").split("|")]
+    return dict(zip(names[1:], cells[1:]))
+
+
+def test_metrics_in_report_equal_evaluation(evaluated):
+    _, store, _ = evaluated
+    evaluation = store.read_json(f"runs/{RUN}/evaluation.json")
+    markdown = store.read_bytes(f"runs/{RUN}/{REPORT}").decode()
+    assert "oracle" in evaluation  # the synthetic world has the truth
+    for who in ("model", "oracle"):
+        row = _table_row(markdown, who)
+        names = [k for k in evaluation[who] if k not in ("n", "positives", "ranked_users")]
+        assert sorted(row) == sorted(names)
+        for name in names:
+            assert float(row[name]) == pytest.approx(evaluation[who][name], abs=5e-5), name
+    assert f"Oracle AUC: **{evaluation['oracle']['auc']:.4f}**" in markdown
+    # metrics against N_c: the run alone on its data, one row
+    n_clips_row = _table_row(markdown, "4")
+    assert n_clips_row["run"] == RUN
+    assert float(n_clips_row["auc"]) == pytest.approx(evaluation["model"]["auc"], abs=5e-5)
+    # training curve: metrics.json's history
+    metrics = store.read_json(f"runs/{RUN}/metrics.json")
+    assert f"{metrics['epochs_run']} epoch(s), best epoch {metrics['best_epoch']}" in markdown
+
+
+def test_images_exist_and_are_linked(evaluated):
+    _, store, _ = evaluated
+    markdown = store.read_bytes(f"runs/{RUN}/{REPORT}").decode()
+    for name in (N_CLIPS_PLOT, CURVE_PLOT, CASE_PLOT):
+        assert f"]({name})" in markdown
+        data = store.read_bytes(f"runs/{RUN}/{name}")
+        assert data.startswith(PNG) and data[12:16] == b"IHDR"
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert width >= 300 and height >= 200
+    # nothing half-written left behind (atomic writes rename their temporary files)
+    assert not [n for n in store.list_dir(f"runs/{RUN}") if ".tmp-" in n]
+
+
+def test_case_study_skip_clip_and_scores(evaluated):
+    cfg, store, _ = evaluated
+    case = store.read_json(f"runs/{RUN}/{SUMMARY}")["case_study"]
+    n_clips = cfg.graph.n_clips
+    table = store.table("interactions").read().to_pandas()
+    row = table[(table["user_id"] == case["user_id"]) & (table["video_id"] == case["video_id"])
+                & (table["timestamp"] == case["timestamp"])]
+    assert len(row) == 1
+    row = row.iloc[0]
+    assert row["split"] == "test" and not row["full_watch"]
+    assert case["watch_ratio"] == row["watch_ratio"]
+    expected_skip = clip_labels(np.array([row["watch_ratio"]]), np.array([False]), n_clips)[0]
+    assert case["skip_clip"] == expected_skip
+    # the documented choice: the first test skip by (user, video, time) with a played clip
+    test = table[(table["split"] == "test") & ~table["full_watch"]].sort_values(
+        ["user_id", "video_id", "timestamp"])
+    watched = clip_labels(test["watch_ratio"].to_numpy(), np.zeros(len(test), bool), n_clips)
+    first = test[watched > 0].iloc[0]
+    assert (case["user_id"], case["video_id"]) == (first["user_id"], first["video_id"])
+    markdown = store.read_bytes(f"runs/{RUN}/{REPORT}").decode()
+    assert f"skipped in clip s = floor(r N_c) = {expected_skip}" in markdown
+
+    # scores: the saved model, one full propagation, FRAME.clip_scores of the pair
+    saved = torch.load(store.path(f"runs/{RUN}/model.pt"), weights_only=True)
+    model = FRAME(**saved["model_args"])
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    data, manifest = whole_graph(store, n_clips)
+    user = int(np.flatnonzero(data.user_rows == manifest["user_ids"].index(case["user_id"]))[0])
+    video = int(np.flatnonzero(data.video_ids == manifest["video_ids"].index(case["video_id"]))[0])
+    with torch.no_grad():
+        h_c, h_u_pos, h_u_neg = model.embeddings(data.clip_features, data.graph)
+        expected = model.clip_scores(h_u_pos[user], h_u_neg[user],
+                                     h_c.view(-1, n_clips, model.dim)[video])  # (N_c,)
+    assert len(case["clip_scores"]) == n_clips
+    np.testing.assert_allclose(case["clip_scores"], expected.numpy(), atol=1e-5, rtol=0)
+    assert case["video_score"] == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
+def test_pick_skip_without_a_skip_or_a_played_clip():
+    import pandas as pd
+
+    rows = pd.DataFrame({"user_id": ["b", "a", "a"], "video_id": ["v", "w", "v"],
+                         "timestamp": [1, 2, 3], "watch_ratio": [0.1, 1.0, 0.2],
+                         "full_watch": [False, True, False]})
+    users = np.array([0, 1, 1])
+    assert pick_skip(rows, users, 4) == 2  # no skip after a played clip: the first skip (a, v)
+    assert pick_skip(rows, users, 2) == 2
+    rows.loc[0, "watch_ratio"] = 0.6  # b played 2 clips of 4 before skipping
+    assert pick_skip(rows, users, 4) == 0
+    assert pick_skip(rows[rows["full_watch"]], users[1:2], 4) is None
+
+
+def test_second_run_on_the_same_data_joins_the_n_clips_table(evaluated, tmp_path, capsys):
+    _, store, overrides = evaluated
+    root = tmp_path / "store"
+    shutil.copytree(store.path(), root)
+    copy = Store(str(root))
+    shutil.copytree(root / "runs" / RUN, root / "runs" / "other")
+    rc = evaluate_job.main([*overrides, f"store.root={root}", "train.run_name=other"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"report: {copy.uri('runs', 'other', REPORT)}"
+    assert lines[-3].startswith("| model |") and lines[-2].startswith("| oracle |")
+    markdown = copy.read_bytes(f"runs/other/{REPORT}").decode()
+    assert "same data (2 run(s))" in markdown
+    assert f"| 4 | {RUN} |" in markdown and "| 4 | other |" in markdown
+
+
+def test_report_on_an_s3_store(evaluated, s3_server):
+    """The same report, written through the store API to an S3-compatible server."""
+    _, store, overrides = evaluated
+    bucket = s3_server.bucket()
+    local = Path(store.path())
+    for path in sorted(local.rglob("*")):  # the store without the run's report
+        rel = path.relative_to(local).as_posix()
+        if path.is_file() and not rel.startswith(f"runs/{RUN}/report"):
+            s3_server.client.put_object(Bucket=bucket, Key=f"store/{rel}",
+                                        Body=path.read_bytes())
+    rc = evaluate_job.main([*overrides, f"store.root=s3://{bucket}/store",
+                            f"store.endpoint_url={s3_server.endpoint_url}"])
+    assert rc == 0
+    objects = s3_server.objects(bucket)
+    prefix = f"store/runs/{RUN}/"
+    assert objects[prefix + REPORT] == store.read_bytes(f"runs/{RUN}/{REPORT}")
+    for name in (N_CLIPS_PLOT, CURVE_PLOT, CASE_PLOT):
+        assert objects[prefix + name].startswith(PNG)
+    assert not [key for key in objects if ".tmp-" in key]
+
+
+def test_run_summary_ends_the_pipeline_with_table_and_report(evaluated):
+    _, store, _ = evaluated
+    evaluation = store.read_json(f"runs/{RUN}/evaluation.json")
+    lines = run_summary(store, RUN).splitlines()
+    assert lines[0] == "| | auc | logloss | recall@3 | ndcg@3 | recall@5 | ndcg@5 |"
+    assert lines[2] == "| model | " + " | ".join(
+        f"{evaluation['model'][k]:.4f}"
+        for k in ("auc", "logloss", "recall@3", "ndcg@3", "recall@5", "ndcg@5")) + " |"
+    assert lines[3].startswith("| oracle |")
+    assert lines[-1] == f"report: {store.uri('runs', RUN, REPORT)}"
+    assert run_summary(store, "missing").startswith("run missing: not evaluated yet")
