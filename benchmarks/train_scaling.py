@@ -200,17 +200,22 @@ def main() -> None:
     # as d float32 rows, for 2 graphs, forward + backward, plus the int64 clip ids gathered
     clip_bound = b * cfg.graph.n_clips * (cfg.model.dim * 4 * 2 * 2 + 8)
     print(f"\n{'':28s}{'s/step':>9s}{'steps/s':>9s}{'samples/s':>11s}{'peak MiB/worker':>18s}")
-    print(f"{'plain torch, 1 process':28s}{single_step:9.3f}{1 / single_step:9.2f}"
+    print(f"{'plain torch, driver':28s}{single_step:9.3f}{1 / single_step:9.2f}"
           f"{b / single_step:11.0f}{single_rss:18.0f}")
+    print(f"{'plain torch, Ray worker':28s}{plain_in_ray:9.3f}{1 / plain_in_ray:9.2f}"
+          f"{b / plain_in_ray:11.0f}{'':>18s}")
     for name, r in (("Ray Train + DeepSpeed W=1", w1), ("Ray Train + DeepSpeed W=2", w2)):
         print(f"{name:28s}{r['step_s']:9.3f}{1 / r['step_s']:9.2f}{b / r['step_s']:11.0f}"
               f"{max(r['rss']):18.0f}")
     print(f"\nDeepSpeed engine / plain torch, one Ray worker process, interleaved steps: "
           f"{engine_in_ray:.3f} / {plain_in_ray:.3f} s = {engine_in_ray / plain_in_ray:.2f}x "
           "(target <= 1.25x)")
+    print(f"Ray Train + DeepSpeed W=1 / plain torch in a Ray worker: "
+          f"{w1['step_s'] / plain_in_ray:.2f}x (adds the Ray Train loop; measured at another "
+          "time)")
     print(f"Ray Train + DeepSpeed W=1 / plain torch in the driver: "
-          f"{w1['step_s'] / single_step:.2f}x (adds the Ray Train worker, its loop and the "
-          "measurement at another time)")
+          f"{w1['step_s'] / single_step:.2f}x (Ray runs workers at niceness 15: on a busy "
+          "machine they get less CPU than the driver)")
     print(f"W=2 speed-up over W=1: {w1['step_s'] / w2['step_s']:.2f}x on a 2-core machine "
           f"(scaling efficiency {w1['step_s'] / w2['step_s'] / 2:.0%})")
     print(f"propagation bytes per step and worker, W=2: {w2['bytes']:,.0f}; bound from the "

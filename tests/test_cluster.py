@@ -7,8 +7,8 @@ the repository.
 - The KubeRay manifests have the fields KubeRay requires (apiVersion ray.io/v1, kind,
   metadata.name, a head group, worker groups with GPU limits, the RayJob entrypoint and runtime
   env), string-valued rayStartParams, token authentication, and volumes that exist.
-- Every ``python -m jobs.X --config FILE overrides...`` written in a cluster file or in
-  docs/cluster.md names a real module and a real config file, and its overrides validate.
+- Every ``python -m jobs.X --config FILE overrides...`` written in a cluster file, in docs/ or in
+  the README names a real module and a real config file, and its overrides validate.
 - Package pins (torch, torchvision, Ray and its image tags) agree with pyproject.toml.
 - The runtime env is accepted by Ray and its excludes keep the upload to the code.
 """
@@ -77,8 +77,9 @@ def of_kind(kind: str) -> list[tuple[str, dict]]:
 
 
 def cluster_files() -> list[Path]:
+    """The cluster definitions and every page that tells a user to run a job."""
     files = [p for p in CLUSTER.rglob("*") if p.is_file()]
-    return sorted(files) + ([DOCS] if DOCS.exists() else [])
+    return sorted(files) + sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
 
 
 # --------------------------------------------------------------------------- autoscaler
@@ -321,8 +322,7 @@ def test_job_commands_name_real_modules_configs_and_fields():
     files = {where for where, _, _ in commands}
     # the test reads what it should: commands in the autoscaler, KubeRay and the docs
     assert {"autoscaler.yaml", "raycluster.yaml", "rayjob.yaml entrypoint"} <= files
-    if DOCS.exists():
-        assert "cluster.md" in files
+    assert {"cluster.md", "README.md"} <= files
     for where, module, args in commands:
         spec = importlib.util.find_spec(module)
         assert spec is not None and spec.origin, f"{where}: no module {module}"

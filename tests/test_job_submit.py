@@ -11,20 +11,21 @@ stopped at the end and none of its processes may be left.
   ``jobs.pipeline.stages`` reports done, and each stage's outputs are committed in the store
   (``check_stage_outputs``): ingest (videos, interactions), extract (frame_features: every
   video on the whole grid), graph (the shards of N_c), train (model, metrics), evaluate
-  (evaluation.json). A stage without checks there must still report done;
+  (evaluation.json, report.md and its plots), score (the ``scores`` table: top_k ranked rows
+  per user). A stage without checks there must still report done;
 - a job with an invalid config (``graph.n_clips=5``) ends FAILED with exit code 2, and its
   ``ray job logs`` give the cause.
 
-TODO when these stages join ``jobs.pipeline.stages``, add their checks to
-``check_stage_outputs`` (until then the test only asserts that they report done):
-- score: the ``scores`` table, score.top_k rows per user (user_id, rank, video_id, score);
-- report: the run report (markdown with plots) beside the run;
-- train with train.workers=2 / graph.n_shards=2 once a 2-worker run fits the 2-core budget.
+- the log ends with the metrics table and the path of the run report.
+
+Not covered here: train with train.workers=2 / graph.n_shards=2 (tests/test_train_loop.py runs
+W = 2 on a local instance; a 2-worker run does not fit this test's 2-core budget next to a head).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -126,7 +127,7 @@ def test_token_is_required_and_jobs_use_this_python(ray_head, tmp_path):
 def check_stage_outputs(stage: str, store: Store, cfg: Config) -> None:
     """What ``stage`` must have committed to ``store`` for the tiny world of ``cfg``.
 
-    A stage not named here is only required to report done (see the TODO list above).
+    A stage not named here is only required to report done.
     """
     for table in STAGE_TABLES.get(stage, []):
         assert store.table(table).manifest() is not None, f"stage {stage}: {table} not committed"
@@ -165,6 +166,16 @@ def check_stage_outputs(stage: str, store: Store, cfg: Config) -> None:
         assert 0 <= evaluation["model"]["auc"] <= 1
         assert set(cfg.evaluate.ks) == {int(k.split("@")[1]) for k in evaluation["model"]
                                         if k.startswith("recall@")}
+        report = store.read_bytes(f"{run}/report.md").decode()
+        assert f"{evaluation['model']['auc']:.4f}" in report
+        for image in re.findall(r"\]\(([^)]+\.png)\)", report):
+            assert store.read_bytes(f"{run}/{image}").startswith(b"\x89PNG"), image
+    elif stage == "score":
+        scores = store.table("scores").read().to_pandas()
+        users = store.table("interactions").read(columns=["user_id"]).column("user_id")
+        assert set(scores["user_id"]) == set(users.to_pylist())
+        ranks = scores.groupby("user_id")["rank"].apply(sorted)
+        assert all(r == list(range(1, len(r) + 1)) and len(r) <= cfg.score.top_k for r in ranks)
 
 
 def test_pipeline_job_succeeds_and_commits_every_stage(ray_head, tmp_path):
@@ -182,6 +193,9 @@ def test_pipeline_job_succeeds_and_commits_every_stage(ray_head, tmp_path):
     for name in stage_names:
         assert f"== stage {name} done" in logs, f"stage {name} did not report done:\n{logs}"
     assert "pipeline finished" in logs
+    tail = logs.rstrip().splitlines()
+    assert tail[-1].startswith("report: ") and tail[-1].endswith("report.md"), tail[-8:]
+    assert any(line.startswith("| model | ") for line in tail[-6:]), tail[-8:]
 
     store = Store(f"{tmp_path}/store")
     for name in stage_names:
