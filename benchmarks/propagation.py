@@ -9,7 +9,10 @@ Part 1 (N_c = --clips): one forward+backward of the model's propagation (eqs. 7-
 given H_c^(0)), of the whole embedding pass (input FC + W_t + propagation), and of one training
 step (restricted clip side, MLPs, hybrid loss, Adam), each next to the 8 sparse products the
 propagation needs (R~ X and R~^T H for both graphs, forward, plus their transposed products in the
-backward pass) timed alone in torch and in SciPy on the same matrices; ratios are printed.
+backward pass) timed alone in torch and in SciPy on the same matrices; ratios are printed. The
+embedding pass and the training step are timed again under bf16 autocast on the CPU
+(``train.precision=bf16``: dense layers in bf16, the sparse products still fp32), against the
+same fp32 sparse products.
 
 Part 2: for each N_c of --sweep, in a fresh subprocess (so peak RSS is per setting), build the
 graph and clip features, run --steps training steps and report the mean step time, the
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from frame_dist.graph import build_graph, clip_labels, to_torch  # noqa: E402
 from frame_dist.loss import FRAMETrainTask, HybridLoss, InteractionBatch  # noqa: E402
 from frame_dist.model import FRAME  # noqa: E402
+from frame_dist.trainer import autocast_for, cpu_has_bf16  # noqa: E402
 
 
 def synthetic(users: int, videos: int, per_user: int, full_rate: float, seed: int
@@ -133,6 +137,21 @@ def part_one(args: argparse.Namespace) -> None:
         loss.backward()
         opt.step()
 
+    bf16 = autocast_for("cpu", "bf16")  # train.precision=bf16; backward outside, as trainers do
+
+    def embeddings_bf16() -> None:
+        with bf16:
+            h_c, h_u_pos, h_u_neg = model.embeddings(x, pg)
+            total = h_c.float().sum() + h_u_pos.float().sum() + h_u_neg.float().sum()
+        total.backward()
+
+    def train_step_bf16() -> None:
+        opt.zero_grad(set_to_none=True)
+        with bf16:
+            loss, _ = task(batch())
+        loss.backward()
+        opt.step()
+
     def full_clip_side_step() -> None:
         # the same step without restricting the clip side: every clip propagated (eq. 8 on C)
         opt.zero_grad(set_to_none=True)
@@ -147,7 +166,9 @@ def part_one(args: argparse.Namespace) -> None:
             ("propagation fwd+bwd (eqs. 7-10)", propagation),
             ("embeddings fwd+bwd (FC + W_t + eqs. 7-10)", embeddings),
             (f"train step, batch {args.batch}, restricted clip side", train_step),
-            (f"train step, batch {args.batch}, all C clips", full_clip_side_step)]
+            (f"train step, batch {args.batch}, all C clips", full_clip_side_step),
+            ("embeddings fwd+bwd, bf16 autocast", embeddings_bf16),
+            (f"train step, batch {args.batch}, restricted, bf16 autocast", train_step_bf16)]
     results = [(name, median_time(fn, args.repeat)) for name, fn in rows]
     base = results[0][1]
     print(f"\n{'what':<52}{'seconds':>10}{'x torch SpMMs':>16}")
@@ -155,9 +176,13 @@ def part_one(args: argparse.Namespace) -> None:
         print(f"{name:<52}{t:>10.4f}{t / base:>16.2f}")
     prop = results[2][1]
     print(f"\npropagation / sparse matmuls = {prop / base:.2f} (target <= 3)")
+    print(f"training step / sparse matmuls = {results[4][1] / base:.2f} fp32, "
+          f"{results[7][1] / base:.2f} bf16 autocast (target <= 3)")
     flops = 2.0 * c * args.features * d
     print(f"input FC alone: {flops / 1e9:.1f} GFLOP forward per step (C x F x d), the same again "
           "for its weight gradient")
+    if not cpu_has_bf16():
+        print("this CPU has no AVX512-BF16 / AMX-BF16: the bf16 rows run emulated")
 
 
 def child(args: argparse.Namespace) -> None:

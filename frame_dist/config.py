@@ -107,6 +107,19 @@ class ModelConfig:
     trainable_clip_features: bool = False
 
 
+Precision = Literal["auto", "fp32", "bf16"]  # train.precision
+
+
+def bf16_activations(precision: str, device_type: str) -> bool:
+    """Whether ``train.precision`` runs the forward under bf16 autocast on ``device_type``
+    ("auto": on CUDA only; "bf16": everywhere; "fp32": never). Weights, gradients, Adam state,
+    the sparse aggregations and the loss stay fp32 in every case."""
+    if precision not in get_args(Precision):
+        raise ValueError(f"train.precision={precision!r} must be one of "
+                         f"{list(get_args(Precision))}")
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
 @dataclass
 class TrainConfig:
     run_name: str = "frame"  # checkpoints live under <store>/runs/<run_name>
@@ -121,6 +134,9 @@ class TrainConfig:
     workers: int = 1  # W: Ray Train workers
     use_gpu: bool | None = None  # None: GPU when the cluster has one
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    # autocast of the forward pass: auto = bf16 on CUDA, fp32 on CPU; bf16 = bf16 on CPU too
+    # (fast with AMX / AVX512-BF16); fp32 = none. Weights, Adam, sparse sums and loss stay fp32
+    precision: Precision = "auto"
     patience: int = 3  # early stopping on validation AUC (epochs without improvement)
     checkpoint_every_steps: int = 0  # 0: only at the end of every epoch
     steps_per_epoch: int = 0  # 0: a full pass; else cut epochs short (smoke runs, benchmarks)

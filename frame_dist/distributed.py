@@ -12,10 +12,11 @@ of message passing then split as follows:
   every worker's users receive the gradient of every worker's loss.
 
 Communication per step and graph (positive, negative): one all-gather of the batch's clip ids
-(int64, |U_w| per worker), then one all-reduce of a (|U|, d) float tensor in the forward and one
-in the backward, where U is the union of the clips of the videos in the global batch
-(|U| <= B_global * N_c). Nothing proportional to the clip table or to the number of users
-crosses the network. ``bytes_per_step()`` reports what was actually exchanged.
+(int64, |U_w| per worker), then one all-reduce of a (|U|, d) float32 tensor (also under bf16
+autocast: sums of sparse products stay fp32) in the forward and one in the backward, where U is
+the union of the clips of the videos in the global batch (|U| <= B_global * N_c). Nothing
+proportional to the clip table or to the number of users crosses the network.
+``bytes_per_step()`` reports what was actually exchanged.
 
 The result is exactly the single-process R~^T H_u restricted to those clips, up to the order
 of floating-point additions.
@@ -95,8 +96,8 @@ class DistributedPropagation(LocalPropagation):
         rows = csr_gather_rows(adj.transpose, local)  # (P, M_local)
         partial_present = sparse_matmul(rows, x_users,  # (P, d); distinct local clips, so the
                                         lambda: csr_select_columns(adj.matrix, local))  # cheap T
-        partial = x_users.new_zeros(union.numel(), x_users.shape[1]).index_copy(
-            0, torch.nonzero(present).squeeze(1), partial_present)  # (U, d)
+        partial = partial_present.new_zeros(union.numel(), x_users.shape[1]).index_copy(
+            0, torch.nonzero(present).squeeze(1), partial_present)  # (U, d) fp32, as R~
         self.bytes_sent += 2 * partial.numel() * partial.element_size()  # forward + backward
         total = _all_reduce_sum(partial, self.group)  # (U, d) the whole graph's sums
         return total[torch.searchsorted(union, mine)]  # (n, d)

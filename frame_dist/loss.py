@@ -48,7 +48,8 @@ class HybridLoss(nn.Module):
 
     Both sums are divided by the number of interactions (``denominator``, default B). The L2
     term is lambda times the squared L2 norm of the given parameters (eq. 16 writes ||Theta||_2;
-    we use the usual squared form). ``log sigma`` is computed as ``-softplus(-y)``.
+    we use the usual squared form). ``log sigma`` is computed as ``-softplus(-y)``, in float32
+    even when the scores come in bf16 (the forward under autocast, ``train.precision``).
 
     Args:
         alpha (float): weight of L_1. (default: 1.0)
@@ -79,7 +80,7 @@ class HybridLoss(nn.Module):
             parameters: Theta of the L2 term.
             denominator: the number of interactions the sums are divided by (default B).
         """
-        y = output.clip_scores  # (B, N_c)
+        y = output.clip_scores.float()  # (B, N_c); bf16 under autocast, the sums need fp32
         b, n_c = y.shape
         watched = watched.to(device=y.device, dtype=torch.long)
         if watched.shape != (b,):
@@ -105,7 +106,7 @@ class HybridLoss(nn.Module):
         if self.beta > 0:
             skip = watched.clamp(max=n_c - 1)[:, None]  # (B, 1)
             y_skip = y.gather(1, skip).squeeze(1)  # (B,)
-            bpr = F.softplus(-(output.watched_scores - y_skip))  # -log sig(y_w - y_s)
+            bpr = F.softplus(-(output.watched_scores.float() - y_skip))  # -log sig(y_w - y_s)
             pairwise = torch.where(pairs, bpr, zero).sum() / denominator
 
         l2 = sum((p.pow(2).sum() for p in parameters), zero)

@@ -39,7 +39,7 @@ from scipy.special import gammaln
 
 from feature_store.frames import FRAME_FEATURES, PREFETCH_PARTS, committed_video_ids
 from feature_store.store import Store, StoreError
-from frame_dist.config import Config
+from frame_dist.config import Config, bf16_activations
 from frame_dist.schemas import FEATURE_DIM
 
 MIB = 2**20
@@ -397,7 +397,8 @@ def plan_training(stats: DataStats, cfg: Config, budget: Budget, device: str = "
     ``graph_manifest``: the committed graph for ``cfg.graph.n_clips``; when given (with at least
     W shards), its shard count and exact shard sizes are used (that is what training loads),
     else the shard count is max(``cfg.graph.n_shards``, W) and sizes are expected values.
-    ``device`` "cuda" means bf16 activations and most tensors in device memory.
+    ``device`` "cuda" means most tensors in device memory; ``train.precision`` decides whether
+    activations are bf16 (``frame_dist.config.bf16_activations``).
     """
     n_c, w = cfg.graph.n_clips, cfg.train.workers
     if graph_manifest is not None and (graph_manifest.get("n_clips") != n_c
@@ -433,7 +434,8 @@ def plan_training(stats: DataStats, cfg: Config, budget: Budget, device: str = "
         limit = cfg.plan.shard_fraction * budget.host_bytes
         recommended = max(recommended, w * math.ceil(per_edge * sum(edges) / (limit * w)))
     return Plan(n_clips=n_c, workers=w, n_shards=n_shards, recommended_shards=recommended,
-                device=device, dtype="bf16" if device == "cuda" else "fp32",
+                device=device,
+                dtype="bf16" if bf16_activations(cfg.train.precision, device) else "fp32",
                 zero_stage=cfg.train.zero_stage, exact_shards=graph_manifest is not None,
                 edges=edges, n_params=n_params, batch_clips=batch_clips,
                 comm_bytes_per_step=comm, shard_graph_bytes=shard_graph, worker=worker,
@@ -482,12 +484,13 @@ def _comm_bytes_per_step(stats: DataStats, cfg: Config, shares: list[WorkerShare
                          device: str) -> float:
     """Mean payload per step and worker of ``DistributedPropagation`` (what metrics.json reports):
     per graph, the all-gather of the longest worker's clip ids ((L + 1) x 8 B, the +1 is the
-    size) and the (|U|, d) all-reduce forward and backward (2 |U| d x 4 B fp32, 2 B bf16)."""
+    size) and the (|U|, d) all-reduce forward and backward (2 |U| d x 4 B: the partial sums
+    are fp32 under bf16 autocast too)."""
     if cfg.train.workers == 1 or stats.n_train == 0:
         return 0.0
     n_c, d = cfg.graph.n_clips, cfg.model.dim
     graphs = 2 if cfg.model.use_negative else 1
-    value = 2 if device == "cuda" else 4
+    value = 4  # fp32 sums (sparse_matmul runs outside autocast)
     total, sizes = 0.0, _batch_sizes(stats, cfg)
     cache: dict[int, float] = {}
     for b in sizes:
@@ -514,7 +517,7 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
     n_c, d, h, f = cfg.graph.n_clips, m.dim, m.hidden, stats.n_features
     w, gpu = t.workers, device == "cuda"
     dev = "device" if gpu else "host"
-    act = 2 if gpu else 4  # dense activations: bf16 under autocast on GPU, fp32 on CPU
+    act = 2 if bf16_activations(t.precision, device) else 4  # dense activations (autocast)
     graphs = 2 if m.use_negative else 1  # torch graphs and MLPs the model uses
     c_total = stats.n_videos * n_c
     c_w = share.videos * n_c  # local clips

@@ -106,7 +106,8 @@ class _SparseMatmul(torch.autograd.Function):
     def forward(ctx, matrix: Tensor, transpose: Tensor | Callable[[], Tensor] | None,
                 x: Tensor) -> Tensor:
         ctx.matrix, ctx.transpose = matrix, transpose
-        return torch.sparse.mm(matrix, x)
+        with torch.autocast(x.device.type, enabled=False):  # CPU autocast would lower x to bf16
+            return torch.sparse.mm(matrix, x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, None, Tensor | None]:
@@ -117,7 +118,8 @@ class _SparseMatmul(torch.autograd.Function):
             transpose = csr_transpose(ctx.matrix)
         elif callable(transpose):
             transpose = transpose()
-        return None, None, torch.sparse.mm(transpose, grad.contiguous())
+        with torch.autocast(grad.device.type, enabled=False):
+            return None, None, torch.sparse.mm(transpose, grad.contiguous())
 
 
 def sparse_matmul(matrix: Tensor, x: Tensor,
@@ -126,7 +128,8 @@ def sparse_matmul(matrix: Tensor, x: Tensor,
 
     ``transpose`` is ``matrix^T`` as CSR, or a callable building it (called only if a gradient
     is needed); without it the backward pass builds the transpose with a sort. Half-precision
-    ``x`` (bf16/fp16 under autocast on GPU) is aggregated in the matrix's float32.
+    ``x`` (bf16/fp16 under autocast) is aggregated in the matrix's float32, autocast off, on
+    CPU as on GPU; the result is float32.
     """
     if x.dtype in (torch.bfloat16, torch.float16) and matrix.dtype == torch.float32:
         x = x.float()

@@ -36,7 +36,7 @@ from frame_dist.distributed import DistributedPropagation
 from frame_dist.metrics import all_metrics
 from frame_dist.model import FRAME
 from frame_dist.partition import check_graph, load_clip_features, load_shards
-from frame_dist.trainer import build_loss, build_model
+from frame_dist.trainer import autocast_for, build_loss, build_model
 from frame_dist.worker_data import WorkerData, epoch_permutation
 
 STATE_TAG = "state"  # DeepSpeed checkpoint tag inside each Ray Train checkpoint
@@ -135,8 +135,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world),
                                            dist_init_required=False)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = autocast_for(device, cfg.train.precision)  # the forward's; backward outside
 
     # --- resume
     state = {"epoch": 1, "step": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0,

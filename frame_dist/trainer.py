@@ -4,13 +4,15 @@
 validation set after every epoch, stops early on validation AUC (``TrainConfig.patience``) and
 returns the history and the best weights. ``evaluate(...)`` computes the paper's metrics for any
 set of (user, video, full-watch label) triples. The distributed trainer reuses the same pieces
-(``build_model``, ``build_loss``, ``FRAMETrainTask``, ``evaluate``) inside Ray Train workers.
+(``build_model``, ``build_loss``, ``FRAMETrainTask``, ``evaluate``, ``autocast_for``) inside
+Ray Train workers.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from frame_dist.config import EvaluateConfig, ModelConfig, TrainConfig
+from frame_dist.config import (
+    EvaluateConfig,
+    ModelConfig,
+    Precision,
+    TrainConfig,
+    bf16_activations,
+)
 from frame_dist.graph import Interactions, clip_labels
 from frame_dist.loss import FRAMETrainTask, HybridLoss, InteractionBatch
 from frame_dist.metrics import all_metrics
@@ -114,11 +122,50 @@ def resolve_device(use_gpu: bool | None) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (x86: AVX512-BF16 or AMX-BF16; else oneDNN's
+    check, e.g. Arm BF16). Without it bf16 autocast still runs, but emulated and slowly."""
+    caps = torch.cpu.get_capabilities()
+    if caps.get("architecture") in ("x86_64", "x86", "AMD64"):
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast_dtype(device_type: str, precision: Precision) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on a device type; None: no autocast (fp32).
+
+    "auto": bf16 on CUDA, fp32 elsewhere; "bf16": bf16 on every device; "fp32": fp32.
+    """
+    bf16 = bf16_activations(precision, device_type)
+    return torch.bfloat16 if bf16 else None
+
+
+def autocast_for(device: torch.device | str, precision: Precision = "auto") -> torch.autocast:
+    """The autocast context of the forward pass under ``train.precision`` on ``device``.
+
+    See :func:`autocast_dtype`; bf16 on CPU is fast with AMX or AVX512-BF16, and a warning says
+    when this CPU has neither. Autocast only lowers the inputs of matmuls: weights, gradients
+    and Adam state stay fp32, the sparse aggregations run in fp32 (``sparse_matmul``) and so
+    does the loss (``HybridLoss``). Run the backward pass outside the context.
+    """
+    device = torch.device(device)
+    dtype = autocast_dtype(device.type, precision)
+    if dtype is not None and device.type == "cpu" and not cpu_has_bf16():
+        warnings.warn("train.precision='bf16' on a CPU without bf16 instructions (AVX512-BF16 "
+                      "or AMX-BF16): it runs, but emulated and likely slower than "
+                      "train.precision='fp32'", RuntimeWarning, stacklevel=2)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def predict(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
             users: np.ndarray | Tensor, videos: np.ndarray | Tensor,
-            batch_size: int = 8192) -> np.ndarray:
-    """Logits y(u, v) (eq. 13) of (user, video) pairs: one full propagation, chunked scoring."""
+            batch_size: int = 8192, precision: Precision = "fp32") -> np.ndarray:
+    """Logits y(u, v) (eq. 13) of (user, video) pairs: one full propagation, chunked scoring.
+
+    ``precision`` as ``train.precision`` (:func:`autocast_for`); the default fp32 is exact on
+    every device. Logits come back as float32 either way.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -126,10 +173,11 @@ def predict(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
         users_t = torch.as_tensor(np.asarray(users), dtype=torch.long, device=device)
         videos_t = torch.as_tensor(np.asarray(videos), dtype=torch.long, device=device)
         model.check_pairs(users_t, videos_t, graph)
-        h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)
-        out = [model.video_scores(users_t[i:i + batch_size], videos_t[i:i + batch_size], h_c,
-                                  h_u_pos, h_u_neg, graph.clips_per_video)
-               for i in range(0, len(users_t), batch_size)]
+        with autocast_for(device, precision):
+            h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)
+            out = [model.video_scores(users_t[i:i + batch_size], videos_t[i:i + batch_size],
+                                      h_c, h_u_pos, h_u_neg, graph.clips_per_video)
+                   for i in range(0, len(users_t), batch_size)]
         return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, np.float32)
     finally:
         model.train(was_training)
@@ -137,9 +185,10 @@ def predict(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
 
 def evaluate(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
              users: np.ndarray, videos: np.ndarray, labels: np.ndarray,
-             ks: Sequence[int] = (3, 5), batch_size: int = 8192) -> dict[str, float]:
+             ks: Sequence[int] = (3, 5), batch_size: int = 8192,
+             precision: Precision = "fp32") -> dict[str, float]:
     """AUC, Logloss, Recall@K and NDCG@K of the model on (user, video, full-watch) triples."""
-    logits = predict(model, clip_features, graph, users, videos, batch_size)
+    logits = predict(model, clip_features, graph, users, videos, batch_size, precision)
     return all_metrics(np.asarray(users), np.asarray(labels), logits, ks)
 
 
@@ -157,7 +206,9 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
     Adam (``cfg.lr``), batches of ``cfg.batch_size`` interactions reshuffled every epoch with a
     generator seeded by ``cfg.seed``, gradient-norm clipping at ``cfg.grad_clip`` (0: off), at most
     ``cfg.epochs`` epochs, stopping after ``cfg.patience`` epochs without a better validation AUC.
-    Without ``valid_data`` every epoch runs and the last state is returned.
+    Without ``valid_data`` every epoch runs and the last state is returned. The forward passes
+    (training and validation) run under ``cfg.precision`` (:func:`autocast_for`); the weights,
+    their gradients and Adam stay fp32.
     """
     eval_cfg = eval_cfg or EvaluateConfig()
     device = torch.device(device) if device is not None else resolve_device(cfg.use_gpu)
@@ -168,6 +219,7 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
         if labels.size == 0 or labels.min() == labels.max():
             raise ValueError("train: the validation set needs both full watches and skips to "
                              f"compute AUC (got {labels.size} rows, {int(labels.sum())} full)")
+    autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     loss = loss or HybridLoss(cfg.alpha, cfg.beta if model.use_negative else 0.0, cfg.l2)
@@ -192,7 +244,8 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
             idx = order[i:i + cfg.batch_size]
             batch = InteractionBatch(users[idx], videos[idx], watched[idx])
             optimizer.zero_grad(set_to_none=True)
-            batch_loss, stats = task(batch)
+            with autocast:
+                batch_loss, stats = task(batch)
             batch_loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -205,7 +258,7 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
         if valid_data is not None:
             metrics = evaluate(model, clip_features, task.graph, valid_data.users,
                                valid_data.videos, valid_data.labels, eval_cfg.ks,
-                               eval_cfg.batch_size)
+                               eval_cfg.batch_size, cfg.precision)
             entry["valid"] = metrics
             if metrics["auc"] > best_auc:
                 best_auc, best_epoch, best_metrics = metrics["auc"], epoch, metrics

@@ -50,6 +50,7 @@ def test_world_preset_sets_sizes_unless_given():
     ("train.zero_stage=3", "train.zero_stage=3 must be 0, 1 or 2"),
     ("train.workers=4", "train.workers=4 exceeds graph.n_shards=1"),
     ("ingest.bad_rows=drop", "ingest.bad_rows='drop' must be one of ['fail', 'quarantine']"),
+    ("train.precision=fp16", "train.precision='fp16' must be one of ['auto', 'fp32', 'bf16']"),
     ("train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
     ("model.enhance=maybe", "model.enhance must be true or false, got 'maybe'"),
     ("graph.nclips=4", "unknown field graph.nclips"),
@@ -93,3 +94,8 @@ def test_trainable_clip_features_need_visual_features():
                                           "model.use_visual=true"):
         load_config(None, ["model.trainable_clip_features=true", "model.use_visual=false"])
     assert load_config(None, ["model.trainable_clip_features=true"]).model.use_visual
+
+
+def test_precision_defaults_to_auto_and_takes_bf16():
+    assert load_config().train.precision == "auto"  # bf16 on CUDA, fp32 on CPU
+    assert load_config(None, ["train.precision=bf16"]).train.precision == "bf16"

@@ -183,8 +183,9 @@ def test_communication_bytes_by_hand(hand_store):
     one = 2 * ((longest + 1) * 8 + 2 * 4 * 4 * 4)
     assert plan.comm_bytes_per_step == pytest.approx((2 * two + one) / 3)
     assert plan.worker.shards == 1 and plan.worker.users == pytest.approx(1.5)
-    bf16 = plan_training(read_data_stats(store, cfg), cfg, Budget(GIB), "cuda")
-    assert bf16.comm_bytes_per_step < plan.comm_bytes_per_step  # 2 B values under autocast
+    gpu = plan_training(read_data_stats(store, cfg), cfg, Budget(GIB), "cuda")
+    assert gpu.dtype == "bf16" and plan.dtype == "fp32"  # train.precision=auto
+    assert gpu.comm_bytes_per_step == plan.comm_bytes_per_step  # the sums stay fp32
 
 
 def _big_stats(n_users=2_000_000, n_videos=200_000, per_user=50, grid=64) -> DataStats:

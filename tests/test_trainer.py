@@ -1,20 +1,28 @@
-"""Single-process trainer on a tiny planted problem: learning, determinism, early stopping."""
+"""Single-process trainer on a tiny planted problem: learning, determinism, early stopping,
+bf16 autocast (``train.precision``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from typing import get_args, get_type_hints
 
 import numpy as np
 import pytest
 import torch
 
+from frame_dist import trainer
 from frame_dist.config import EvaluateConfig, ModelConfig, TrainConfig
 from frame_dist.graph import Interactions, build_graph, to_torch
+from frame_dist.loss import FRAMETrainTask, InteractionBatch
 from frame_dist.metrics import all_metrics
 from frame_dist.model import FRAME
 from frame_dist.trainer import (
     EvalData,
+    Precision,
     TrainData,
+    autocast_dtype,
+    autocast_for,
     build_loss,
     build_model,
     evaluate,
@@ -138,3 +146,72 @@ def test_bad_validation_set_is_refused(planted) -> None:
     one_class = EvalData(valid.users, valid.videos, np.ones_like(valid.labels))
     with pytest.raises(ValueError, match="validation set needs both full watches and skips"):
         train(model, planted["x"], planted["graph"], planted["train"], one_class, _cfg())
+
+
+# --------------------------------------------------------------------------- train.precision
+
+
+@pytest.mark.parametrize("device_type, precision, expected", [
+    ("cpu", "auto", None), ("cpu", "fp32", None), ("cpu", "bf16", torch.bfloat16),
+    ("cuda", "auto", torch.bfloat16), ("cuda", "fp32", None), ("cuda", "bf16", torch.bfloat16),
+])
+def test_autocast_dtype_of_each_precision(device_type, precision, expected) -> None:
+    assert autocast_dtype(device_type, precision) == expected
+
+
+def test_precision_names_match_the_config_and_bad_ones_are_refused() -> None:
+    assert get_args(get_type_hints(TrainConfig)["precision"]) == get_args(Precision)
+    with pytest.raises(ValueError, match=r"train.precision='fp16' must be one of \['auto', "
+                                         r"'fp32', 'bf16'\]"):
+        autocast_for("cpu", "fp16")  # type: ignore[arg-type]
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch) -> None:
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match=r"train.precision='bf16' on a CPU without bf16 "
+                                            r"instructions .* slower than train.precision='fp32'"):
+        autocast_for("cpu", "bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        autocast_for("cpu", "fp32")  # fp32 and auto ask nothing of the CPU
+        autocast_for("cpu", "auto")
+
+
+def _step(planted, model: FRAME, precision: str):
+    """Loss and gradients of one training step on the first 256 training interactions."""
+    task = FRAMETrainTask(model, build_loss(_cfg(), MODEL_CFG), planted["x"], planted["graph"])
+    td = planted["train"]
+    batch = InteractionBatch(*(torch.as_tensor(a[:256]) for a in (td.users, td.videos,
+                                                                     td.watched)))
+    model.zero_grad(set_to_none=True)
+    with autocast_for("cpu", precision):
+        loss, _ = task(batch)
+        linear_out = model.input_proj(planted["x"][:2])
+    loss.backward()
+    return loss.detach(), linear_out, {k: p.grad for k, p in model.named_parameters()}
+
+
+def test_bf16_step_on_cpu_is_close_to_fp32(planted) -> None:
+    model = build_model(MODEL_CFG, F, seed=0)
+    loss32, out32, grads32 = _step(planted, model, "fp32")
+    loss16, out16, grads16 = _step(planted, model, "bf16")
+    assert out32.dtype == torch.float32 and out16.dtype == torch.bfloat16  # autocast was on
+    assert loss16.dtype == torch.float32  # the loss is computed in fp32 from bf16 scores
+    assert float(loss16) == pytest.approx(float(loss32), rel=2e-2)
+    for name, p in model.named_parameters():  # master weights and gradients stay fp32
+        assert p.dtype == grads16[name].dtype == torch.float32, name
+        assert torch.isfinite(grads16[name]).all(), name
+    flat32 = torch.cat([g.reshape(-1) for g in grads32.values()])
+    flat16 = torch.cat([grads16[k].reshape(-1) for k in grads32])
+    assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.99
+
+
+def test_training_under_bf16_learns_as_fp32(planted) -> None:
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        model = build_model(MODEL_CFG, F, seed=0)
+        runs[precision] = train(model, planted["x"], planted["graph"], planted["train"],
+                                planted["valid"], _cfg(precision=precision))
+        assert all(v.dtype == torch.float32 for v in runs[precision].best_state.values())
+    auc32, auc16 = (runs[p].best_metrics["auc"] for p in ("fp32", "bf16"))
+    assert auc16 > 0.9 and auc16 == pytest.approx(auc32, abs=0.02)
