@@ -33,12 +33,12 @@ from frame_dist.trainer import EvalData, TrainData, build_model, evaluate, train
 from frame_dist.worker_data import whole_graph
 
 
-def prepare(preset: str, root: str) -> Config:
+def prepare(preset: str, root: str, grid: int = 16) -> Config:
     from jobs.extract import extract
     from jobs.ingest import ingest
 
     cfg = load_config(None, [f"world.preset={preset}", f"world.out_dir={root}/world",
-                             f"store.root={root}/store", "extract.grid_size=16",
+                             f"store.root={root}/store", f"extract.grid_size={grid}",
                              "extract.image_size=64", "extract.weights=random",
                              "extract.batch_size=64"])
     ingest(cfg)
@@ -48,7 +48,8 @@ def prepare(preset: str, root: str) -> Config:
 
 def frame_variant(cfg: Config, store: Store, n_clips: int, seed: int, epochs: int, batch: int,
                   **model_options) -> dict[str, float]:
-    run = load_config(None, [f"store.root={cfg.store.root}", "extract.grid_size=16",
+    run = load_config(None, [f"store.root={cfg.store.root}",
+                             f"extract.grid_size={cfg.extract.grid_size}",
                              f"graph.n_clips={n_clips}", f"train.seed={seed}",
                              f"train.epochs={epochs}", "train.patience=3",
                              f"train.batch_size={batch}"])
@@ -138,13 +139,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch", type=int, default=1024, help="256 suits the small world")
+    parser.add_argument("--grid", type=int, default=16,
+                        help="G, frames extracted per video (64: 4 frames per clip at N_c=16)")
     args = parser.parse_args()
     from frame_dist.ray_runtime import init_ray
 
     torch.set_num_threads(2)
     init_ray(num_cpus=2)
     t0 = time.perf_counter()
-    cfg = prepare(args.preset, args.root)
+    cfg = prepare(args.preset, args.root, args.grid)
     store = Store.from_config(cfg.store)
     print(f"data ready in {time.perf_counter() - t0:.0f}s")
     variants = [(f"FRAME N_c={n}", n, {}) for n in (1, 4, 8, 16)]
