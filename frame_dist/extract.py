@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from feature_store.frames import (
+    EXTRACT_ERRORS,
     check_encoder_identity,
     commit_frame_parts,
     committed_video_ids,
@@ -326,9 +327,11 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
             fn_kwargs=dict(store=store, grid_size=x.grid_size,
                            precision="bf16-autocast" if use_gpu else "float32"))
         done, first_part_at = _commit_as_they_arrive(ds, store, identity, cfg, failures)
-    errors = extract_error_rows(list(failures), [u for u, _ in failures.values()],
-                                [r for _, r in failures.values()])
-    write_extract_errors(store, errors, config=cfg)
+    if len(todo) or not store.table(EXTRACT_ERRORS).exists():
+        # nothing to do means every video is committed: the table already says "no failure"
+        errors = extract_error_rows(list(failures), [u for u, _ in failures.values()],
+                                    [r for _, r in failures.values()])
+        write_extract_errors(store, errors, config=cfg)
     summary = ExtractSummary(done, skipped, len(failures), done * x.grid_size,
                              time.monotonic() - start, features_uri,
                              {vid: reason for vid, (_, reason) in failures.items()},

@@ -111,7 +111,10 @@ def test_sweep_table_equals_each_runs_evaluation(swept):
 def test_rerun_skips_committed_stages(swept, capsys):
     store, overrides, _, _ = swept
     models = {n: store.read_bytes(f"runs/{RUN}_nc{n}/model.pt") for n in N_CLIPS}
+    errors = Path(store.path("tables", "extract_errors"))
+    errors_before = _files(errors)
     assert sweep_job.main(overrides) == 0
+    assert _files(errors) == errors_before  # nothing to extract: no new commit of the errors
     out = capsys.readouterr().out
     assert out.count("train: skipped") == len(N_CLIPS)
     assert out.count("graph N_c=") == out.count(": skipped (inputs and settings unchanged)")
