@@ -12,6 +12,7 @@ run's checkpoints.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 
 from feature_store.store import Store, StoreError
 from frame_dist.config import Config
+from frame_dist.embeddings import rebuild_model
 from frame_dist.graph import IdMap, encode_interactions
 from frame_dist.metrics import all_metrics
 from frame_dist.model import FRAME
@@ -37,10 +39,28 @@ def load_trained_model(store: Store, run_name: str) -> tuple[FRAME, dict[str, An
                          f"(train.run_name={run_name})")
     with store.fs.open(store.path(path), "rb") as f:
         saved = torch.load(f, map_location="cpu", weights_only=True)
-    model = FRAME(**saved["model_args"])
-    model.load_state_dict(saved["state_dict"])
-    model.eval()
-    return model, saved["config"]
+    return rebuild_model(saved), saved["config"]
+
+
+@dataclass
+class TestSplit:
+    """A trained run's model with the whole graph and its test pairs: what evaluation and the
+    report's case study both read, loaded once (:func:`load_test_split`)."""
+
+    model: FRAME  # eval mode
+    n_clips: int
+    data: WorkerData  # the whole graph (frame_dist.worker_data.whole_graph)
+    rows: pd.DataFrame  # the test rows of the interactions table
+    users: np.ndarray  # (n,) local user of each row
+    videos: np.ndarray  # (n,) local video of each row
+
+
+def load_test_split(store: Store, run_name: str) -> TestSplit:
+    model, trained_cfg = load_trained_model(store, run_name)
+    n_clips = trained_cfg["graph"]["n_clips"]
+    data, manifest = whole_graph(store, n_clips, model.use_negative)
+    rows, users, videos = split_pairs(store, data, manifest, "test")
+    return TestSplit(model, n_clips, data, rows, users, videos)
 
 
 def split_pairs(store: Store, data: WorkerData, manifest: dict[str, Any], split: str
@@ -58,13 +78,14 @@ def split_pairs(store: Store, data: WorkerData, manifest: dict[str, Any], split:
     return table.to_pandas(), local_user[enc.user_idx], local_video
 
 
-def evaluate_run(cfg: Config, store: Store) -> dict[str, Any]:
-    """Test metrics of ``cfg.train.run_name`` (and the oracle's); writes evaluation.json."""
-    model, trained_cfg = load_trained_model(store, cfg.train.run_name)
-    n_clips = trained_cfg["graph"]["n_clips"]
-    data, manifest = whole_graph(store, n_clips, model.use_negative)
-    rows, users, videos = split_pairs(store, data, manifest, "test")
-    logits = predict(model, data.clip_features, data.graph, users, videos)
+def evaluate_run(cfg: Config, store: Store, test: TestSplit | None = None) -> dict[str, Any]:
+    """Test metrics of ``cfg.train.run_name`` (and the oracle's); writes evaluation.json.
+
+    ``test``: the run's :class:`TestSplit` when the caller already loaded it (else loaded here).
+    """
+    test = test if test is not None else load_test_split(store, cfg.train.run_name)
+    n_clips, rows, users = test.n_clips, test.rows, test.users
+    logits = predict(test.model, test.data.clip_features, test.data.graph, users, test.videos)
     labels = rows["full_watch"].to_numpy().astype(np.int64)
     result: dict[str, Any] = {
         "run": cfg.train.run_name, "n_clips": n_clips,

@@ -34,7 +34,7 @@ import torch
 from feature_store.frames import FRAME_FEATURES, committed_video_ids, stored_identity
 from feature_store.store import Store
 from frame_dist.config import Config
-from frame_dist.evaluate import load_trained_model, metrics_table, split_pairs, whole_graph
+from frame_dist.evaluate import TestSplit, load_test_split, metrics_table
 from frame_dist.graph import clip_labels
 from frame_dist.model import FRAME
 from frame_dist.worker_data import WorkerData
@@ -178,13 +178,15 @@ def clip_scores_of(model: FRAME, data: WorkerData, user: int, video: int) -> np.
         model.train(was_training)
 
 
-def case_study(store: Store, run_name: str) -> CaseStudy | None:
-    """The case study of a trained run on the committed graph, or None without a test skip."""
-    model, trained_cfg = load_trained_model(store, run_name)
-    n_clips = trained_cfg["graph"]["n_clips"]
-    data, manifest = whole_graph(store, n_clips, model.use_negative)
-    rows, users, videos = split_pairs(store, data, manifest, "test")
-    rows = rows.reset_index(drop=True)
+def case_study(store: Store, run_name: str, test: TestSplit | None = None
+               ) -> CaseStudy | None:
+    """The case study of a trained run on the committed graph, or None without a test skip.
+
+    ``test``: the run's :class:`TestSplit` when the evaluation already loaded it."""
+    test = test if test is not None else load_test_split(store, run_name)
+    model, data, n_clips = test.model, test.data, test.n_clips
+    users, videos = test.users, test.videos
+    rows = test.rows.reset_index(drop=True)
     i = pick_skip(rows, users, n_clips)
     if i is None:
         return None
@@ -291,12 +293,13 @@ def plot_case_study(case: CaseStudy) -> bytes:
 # --------------------------------------------------------------------------- the report
 
 
-def write_report(cfg: Config, store: Store, result: dict[str, Any]) -> str:
+def write_report(cfg: Config, store: Store, result: dict[str, Any],
+                 test: TestSplit | None = None) -> str:
     """Write the report of ``result`` (an evaluation of ``cfg.train.run_name``); return the uri
-    of ``report.md``."""
+    of ``report.md``. ``test``: the split the evaluation loaded, reused by the case study."""
     run = result["run"]
     rdir = f"runs/{run}"
-    case = case_study(store, run)
+    case = case_study(store, run, test)
     summary = {"run": run, "n_clips": result["n_clips"], "data": data_identity(store),
                "model": result["model"], "case_study": None if case is None else asdict(case)}
     if "oracle" in result:

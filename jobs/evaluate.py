@@ -15,17 +15,18 @@ import sys
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
-from frame_dist.evaluate import evaluate_run, metrics_table
+from frame_dist.evaluate import evaluate_run, load_test_split, metrics_table
 from frame_dist.report import write_report
 
 
 def evaluate(cfg: Config) -> dict:
     store = Store.from_config(cfg.store)
-    result = evaluate_run(cfg, store)
+    test = load_test_split(store, cfg.train.run_name)  # read once: metrics and case study
+    result = evaluate_run(cfg, store, test)
     print(f"evaluate: run {result['run']} (N_c={result['n_clips']}), "
           f"{result['model']['n']} test interactions")
     print(metrics_table(result))
-    print(f"report: {write_report(cfg, store, result)}")
+    print(f"report: {write_report(cfg, store, result, test)}")
     return result
 
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_loop import BASE, _single_process, _write_topic_features  # tests/ on sys.path
+from test_train_loop import BASE, _train_and_save, _write_topic_features  # tests/ on sys.path
 
 from feature_store.store import Store
 from frame_dist.config import load_config
-from frame_dist.evaluate import whole_graph
 from frame_dist.graph import clip_labels
 from frame_dist.model import FRAME
 from frame_dist.partition import build_shards
@@ -34,8 +33,7 @@ from frame_dist.report import (
     pick_skip,
     run_summary,
 )
-from frame_dist.train_loop import write_outputs
-from frame_dist.trainer import build_model
+from frame_dist.worker_data import whole_graph
 from jobs import evaluate as evaluate_job
 from jobs import ingest as ingest_job
 
@@ -54,12 +52,7 @@ def evaluated(tmp_path_factory):
     store = Store.from_config(cfg.store)
     _write_topic_features(store)
     build_shards(cfg, store)
-    result = _single_process(cfg, store)
-    model = build_model(cfg.model, 2048, seed=cfg.train.seed)
-    model.load_state_dict(result.best_state)
-    state = {"history": result.history, "best_epoch": result.best_epoch, "global_step": 4,
-             "resumes": []}
-    write_outputs(cfg, store, model, state, {}, "test-fingerprint")
+    _train_and_save(cfg, store, global_step=4)
     assert evaluate_job.main(overrides) == 0
     return cfg, store, overrides
 

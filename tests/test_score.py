@@ -32,7 +32,7 @@ import torch
 from test_train_loop import (  # tests/ is on sys.path (pytest)
     BASE,
     GRID,
-    _single_process,
+    _train_and_save,
     _write_topic_features,
 )
 
@@ -57,8 +57,6 @@ from frame_dist.scoring import (
     read_scores,
     run_scoring,
 )
-from frame_dist.train_loop import write_outputs
-from frame_dist.trainer import build_model
 from frame_dist.worker_data import WorkerData, whole_graph
 from jobs import ingest as ingest_job
 from jobs import score as score_job
@@ -85,16 +83,6 @@ def _edit_interactions(store: Store, no_features: str) -> None:
         "source_row": int(pc.max(table["source_row"]).as_py()) + 1}
     table = pa.concat_tables([table, pa.Table.from_pylist([ghost], schema=table.schema)])
     store.table("interactions").write(table)
-
-
-def _train_and_save(cfg, store: Store) -> None:
-    """Single-process training (2 epochs), saved with the training stage's writer."""
-    result = _single_process(cfg, store)
-    model = build_model(cfg.model, 2048, seed=cfg.train.seed)
-    model.load_state_dict(result.best_state)
-    state = {"history": result.history, "best_epoch": result.best_epoch, "global_step": 0,
-             "resumes": []}
-    write_outputs(cfg, store, model, state, {}, "test-fingerprint")
 
 
 @pytest.fixture(scope="module")

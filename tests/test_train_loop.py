@@ -91,6 +91,18 @@ def _single_process(cfg, store):
     return result
 
 
+def _train_and_save(cfg, store, global_step: int = 0) -> None:
+    """:func:`_single_process`, saved with the training stage's writer (model.pt, metrics.json)."""
+    from frame_dist.train_loop import write_outputs
+
+    result = _single_process(cfg, store)
+    model = build_model(cfg.model, 2048, seed=cfg.train.seed)
+    model.load_state_dict(result.best_state)
+    state = {"history": result.history, "best_epoch": result.best_epoch,
+             "global_step": global_step, "resumes": []}
+    write_outputs(cfg, store, model, state, {}, "test-fingerprint")
+
+
 def _run(overrides, **extra):
     cfg = load_config(None, [*overrides, *[f"{k}={v}" for k, v in extra.items()]])
     return cfg, run_training(cfg, Store.from_config(cfg.store))
