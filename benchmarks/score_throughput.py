@@ -54,6 +54,7 @@ from frame_dist.model import FRAME  # noqa: E402
 from frame_dist.scoring import (  # noqa: E402
     FusedScorer,
     ScoringInputs,
+    chunk_tables,
     fuse_tables,
     run_scoring,
 )
@@ -202,10 +203,13 @@ def main() -> None:
                                      f"score.users_per_chunk={args.users_per_chunk}",
                                      f"score.kernel={args.job_kernel}",
                                      f"score.actors={args.threads}"])
+            chunks = chunk_tables([f"u{i:06d}" for i in range(args.users)],
+                                  tables.user_table.numpy(), (seen_coo.row, seen_coo.col),
+                                  args.users_per_chunk)  # the rows shard tasks would yield
             inputs = ScoringInputs(
-                tables, pa.array([f"u{i:06d}" for i in range(args.users)]),
-                pa.array([f"v{i:06d}" for i in range(args.videos)]), seen,
-                identity={"benchmark": True}, cold_users=0,
+                tables, pa.array([f"v{i:06d}" for i in range(args.videos)]),
+                [ray.put(chunk) for chunk in chunks], identity={"benchmark": True},
+                n_users=args.users, cold_users=0,
                 n_chunks=math.ceil(args.users / args.users_per_chunk))
             summary = run_scoring(cfg, Store(cfg.store.root), inputs=inputs)
         ray.shutdown()

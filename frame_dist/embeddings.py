@@ -1,37 +1,44 @@
 """A trained model's embeddings over the whole committed graph, computed once (score stage).
 
 What scoring needs: H_c (C, d) for every clip of the graph (C = N N_c, clip v * N_c + j,
-also the videos nobody interacted with) and H_u^p, H_u^n (M, d) for every user (row i = user i
-of the graph manifest), plus the global (user, video) index of every training interaction.
+also the videos nobody interacted with) and, per user, H_u^p and H_u^n (eq. 7) next to that
+user's training interactions.
 
-* **One shard** (``graph.n_shards == 1``): :func:`whole_graph_embeddings`, one process,
-  ``FRAME.embeddings`` over ``frame_dist.worker_data.whole_graph``.
-* **P > 1 shards**: :func:`sharded_embeddings`, a map over the shards and a sum, the math of
-  ``frame_dist.distributed.DistributedPropagation`` with Ray tasks instead of a process group:
+* :func:`propagate_shards` (the score stage), a map over the shards and a sum: the math of
+  ``frame_dist.distributed.DistributedPropagation`` with Ray tasks instead of a process group.
 
-  - map, one Ray task per shard k (:func:`shard_partials`): loads shard k alone
-    (``load_shards``) and the clip features of its V_k videos, computes H_c^(0) of its C_k =
-    V_k N_c clips, its users' H_u^p, H_u^n (eq. 7: local, a user's row is whole in its shard)
-    and the partial sums S_k = R~_k^T H_u^k of eq. 8 (before W^(2) and ReLU) of its clips,
-    keyed by global clip id (``RecordedClipSums``);
+  - map, one Ray task per shard k (:func:`shard_task`; also for a graph of one shard, so the
+    driver never holds a graph): loads shard k alone (``load_shards``) and the clip features
+    of its V_k videos, computes H_c^(0) of its C_k = V_k N_c clips, its users' H_u^p, H_u^n
+    (eq. 7: local, a user's row is whole in its shard) and the partial sums S_k = R~_k^T H_u^k
+    of eq. 8 (before W^(2) and ReLU) of its clips, keyed by global clip id
+    (``RecordedClipSums``). The task is a streaming generator: it yields the clip side first
+    (:class:`ClipPartials`, fetched by the driver), then every object the caller's
+    ``user_side`` function yields for its users (:class:`ShardUsers`) -- the score stage's
+    chunk rows, one object per chunk, left in the object store for the scoring actors; the
+    driver only holds the references.
   - reduce, on the driver: S = sum_k S_k, added in shard order (the same bits on every run),
     then eqs. 8-10 through ``model.propagate`` with ``SummedClipSums`` (a propagation without
     users whose clip side returns S): H_c = alpha_0 H_c^(0) + alpha_1 Mean(ReLU(S^p W_p^(2)),
     ReLU(S^n W_n^(2))).
 
   A task's memory is its shard: R~_k rows, C_k x F clip features and C_k x d tables (plus the
-  model and the graph manifest, which lists every id). It sends back (C_k x d) x 3 floats
-  (H_c^(0) and both partial sums; 2 without the negative graph, H_c^(0) left out when the model
-  owns its clip table), (M_k x d) x 2 floats, C_k + M_k ids and 16 bytes per training
-  interaction. The driver holds C x d tables (H_c^(0), S^p, S^n, H_c), the user tables, and one
-  task's result at a time; it computes H_c^(0) itself only for videos in no shard (nobody
-  interacted with them), from their clip features, a block of videos at a time.
+  model and the graph manifest, which lists every id). It sends the driver (C_k x d) x 3
+  floats (H_c^(0) and both partial sums; 2 without the negative graph, H_c^(0) left out when
+  the model owns its clip table) and C_k ids. The driver holds C x d tables (H_c^(0), S^p,
+  S^n, H_c) and one task's clip side at a time -- nothing per user; it computes H_c^(0)
+  itself only for videos in no shard (nobody interacted with them), from their clip features,
+  a block of videos at a time.
+* :func:`sharded_embeddings`: the same tasks with a ``user_side`` that returns the users'
+  H_u rows, gathered into (M, d) tables on the driver (tests, small graphs);
+  :func:`whole_graph_embeddings`: the whole graph in one process (the reference).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,23 +78,53 @@ class GraphEmbeddings:
 
 
 @dataclass
-class ShardPartials:
-    """What one shard's task sends back (global ids; float32 arrays)."""
+class ShardUsers:
+    """The user side of one shard, inside its task (every row whole, eq. 7)."""
+
+    index: int  # the shard
+    user_rows: np.ndarray  # (M_k,) global user of each row, in the shard's order
+    h_u_pos: Tensor  # (M_k, d)
+    h_u_neg: Tensor | None  # (M_k, d)
+    train_rows: np.ndarray  # (n_k,) row (0..M_k-1) of every training interaction
+    train_videos: np.ndarray  # (n_k,) its global video
+    manifest: dict[str, Any]  # the graph manifest (every user and video id)
+
+
+@dataclass
+class ClipPartials:
+    """What one shard's task sends the driver (global ids; float32 arrays)."""
 
     index: int
-    user_rows: np.ndarray  # (M_k,) global user of each row
-    h_u_pos: np.ndarray  # (M_k, d)
-    h_u_neg: np.ndarray | None  # (M_k, d)
     clip_ids: np.ndarray  # (C_k,) global clip id of each local clip (ascending)
     h_c0: np.ndarray | None  # (C_k, d) H_c^(0); None when the model owns its clip table
     pos_sums: np.ndarray  # (C_k, d) R~^p_k^T H_u^p
     neg_sums: np.ndarray | None  # (C_k, d) R~^n_k^T H_u^n
-    train_users: np.ndarray  # (n_k,) global
-    train_videos: np.ndarray  # (n_k,) global
+    users: int  # M_k
+    cold_users: int  # users of the shard without any training interaction
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
+
+
+@dataclass
+class ShardedPropagation:
+    """The reduce's result: H_c on the driver, each shard's user side in the object store."""
+
+    h_c: Tensor  # (C, d)
+    user_refs: list[list[Any]]  # (P,) per shard: ObjectRefs of what user_side yielded
+    users_per_shard: list[int]  # (P,) M_k
+    cold_users: int  # over every shard
+    manifest: dict[str, Any]
+    bytes_from_tasks: int  # clip partials fetched by the driver
+    seconds: float
+
+    @property
+    def tasks(self) -> int:
+        return len(self.user_refs)
+
+
+UserSide = Callable[[FRAME, ShardUsers], Iterable[Any]]
 
 
 def reads_clip_features(model: FRAME) -> bool:
@@ -102,10 +139,7 @@ def rebuild_model(saved: dict[str, Any]) -> FRAME:
     return model.eval()
 
 
-def graph_embeddings(model: FRAME, store: Store, n_clips: int, task_cpus: float = 1.0
-                     ) -> GraphEmbeddings:
-    """H_c, H_u^p, H_u^n of the committed graph for N_c: one process for one shard, else one
-    Ray task per shard (module docstring)."""
+def _manifest(store: Store, n_clips: int, model: FRAME) -> dict[str, Any]:
     manifest = read_graph_manifest(store, n_clips)
     if manifest is None:
         raise PartitionError(f"no committed graph for N_c={n_clips} in {store.uri('graphs')}: "
@@ -114,15 +148,14 @@ def graph_embeddings(model: FRAME, store: Store, n_clips: int, task_cpus: float 
     if not reads_clip_features(model) and model.n_clips_total != n_total:
         raise PartitionError(f"the model's clip table has {model.n_clips_total} rows, the graph "
                              f"N_c={n_clips} has {n_total} clips")
-    if manifest["n_shards"] == 1:
-        return whole_graph_embeddings(model, store, n_clips)
-    return sharded_embeddings(model, store, n_clips, task_cpus)
+    return manifest
 
 
 @torch.inference_mode()
 def whole_graph_embeddings(model: FRAME, store: Store, n_clips: int) -> GraphEmbeddings:
-    """The single-process path: every shard merged, ``model.embeddings`` once."""
+    """The whole graph merged in one process, ``model.embeddings`` once (the reference)."""
     start = time.monotonic()
+    _manifest(store, n_clips, model)
     data, manifest = whole_graph(store, n_clips, model.use_negative,
                                  with_features=reads_clip_features(model))
     h_c, h_u_pos, h_u_neg = model.embeddings(data.clip_features, data.graph)
@@ -132,9 +165,10 @@ def whole_graph_embeddings(model: FRAME, store: Store, n_clips: int) -> GraphEmb
 
 
 @torch.inference_mode()
-def shard_partials(saved: dict[str, Any], store: Store, n_clips: int, index: int
-                   ) -> ShardPartials:
-    """The map step for shard ``index`` (a Ray task; plain function, also callable directly)."""
+def shard_task(saved: dict[str, Any], store: Store, n_clips: int, index: int,
+               user_side: UserSide) -> Iterator[Any]:
+    """The map step for shard ``index``, a generator (a Ray streaming-generator task): yields
+    its :class:`ClipPartials`, then each object ``user_side(model, users)`` yields."""
     model = rebuild_model(saved)
     shard, manifest = load_shards(store, n_clips, [index])
     features = None
@@ -148,46 +182,49 @@ def shard_partials(saved: dict[str, Any], store: Store, n_clips: int, index: int
     recorded = RecordedClipSums(graph)
     model.propagation = recorded
     _, h_u_pos, h_u_neg = model.propagate(h_c0, graph)  # (M_k, d) each; h_c partial: dropped
-
-    def numpy(x: Tensor | None) -> np.ndarray | None:
-        return None if x is None else x.numpy()
-
-    return ShardPartials(
-        index, shard.user_rows, h_u_pos.numpy(), numpy(h_u_neg), clip_ids,
-        h_c0.numpy() if features is not None else None, recorded.sums["pos"].numpy(),
-        numpy(recorded.sums.get("neg")), shard.user_rows[shard.train["user"]],
-        shard.video_ids[shard.train["video"]])
+    has_train = np.zeros(shard.n_users, dtype=bool)
+    has_train[shard.train["user"]] = True
+    neg_sums = recorded.sums.get("neg")
+    yield ClipPartials(
+        index, clip_ids, h_c0.numpy() if features is not None else None,
+        recorded.sums["pos"].numpy(), None if neg_sums is None else neg_sums.numpy(),
+        users=shard.n_users, cold_users=int((~has_train).sum()))
+    del features, graph, recorded, h_c0
+    yield from user_side(model, ShardUsers(index, shard.user_rows, h_u_pos, h_u_neg,
+                                           shard.train["user"],
+                                           shard.video_ids[shard.train["video"]], manifest))
 
 
 @torch.inference_mode()
-def sharded_embeddings(model: FRAME, store: Store, n_clips: int, task_cpus: float = 1.0
-                       ) -> GraphEmbeddings:
-    """One Ray task per shard (:func:`shard_partials`), summed on the driver (module doc)."""
+def propagate_shards(model: FRAME, store: Store, n_clips: int, user_side: UserSide,
+                     task_cpus: float = 1.0) -> ShardedPropagation:
+    """One Ray task per shard (:func:`shard_task`), the clip sums reduced on the driver; the
+    users' side stays in the object store, one object per item ``user_side`` yields (module
+    docstring).
+
+    ``user_side(model, users: ShardUsers)`` runs inside each task, yields the objects to keep,
+    and must be picklable.
+    """
     import ray
 
     from frame_dist.ray_runtime import init_ray
 
     start = time.monotonic()
-    manifest = read_graph_manifest(store, n_clips)
-    if manifest is None:
-        raise PartitionError(f"no committed graph for N_c={n_clips}: run the graph stage first")
+    manifest = _manifest(store, n_clips, model)
     n_users, n_total, d = manifest["n_users"], manifest["n_videos"] * n_clips, model.dim
     init_ray()
     saved = ray.put({"model_args": model.model_args(), "state_dict": model.state_dict()})
-    task = ray.remote(num_cpus=task_cpus, max_retries=2)(shard_partials)
-    refs = [task.remote(saved, store, n_clips, k) for k in range(manifest["n_shards"])]
+    task = ray.remote(num_cpus=task_cpus, max_retries=2, num_returns="streaming")(shard_task)
+    generators = [task.remote(saved, store, n_clips, k, user_side)
+                  for k in range(manifest["n_shards"])]
 
     h_c0 = torch.zeros(n_total, d)  # (C, d)
     have_h_c0 = torch.zeros(n_total, dtype=torch.bool)
     sums = {"pos": torch.zeros(n_total, d),  # (C, d) sum_k R~_k^T H_u^k
             "neg": torch.zeros(n_total, d) if model.use_negative else None}
-    h_u = {"pos": torch.zeros(n_users, d),  # (M, d) each
-           "neg": torch.zeros(n_users, d) if model.use_negative else None}
-    user_count = np.zeros(n_users, dtype=np.int64)
-    train_users, train_videos, received = [], [], 0
-    for k in range(len(refs)):  # shard order: a fixed order of the additions
-        part: ShardPartials = ray.get(refs[k])
-        refs[k] = None  # the object store may free it
+    users_per_shard, cold, received = [], 0, 0
+    for k, generator in enumerate(generators):  # shard order: a fixed order of the additions
+        part: ClipPartials = ray.get(next(generator))  # the task's first object
         received += part.nbytes
         with warnings.catch_warnings():  # object-store arrays are read-only; never written
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -198,17 +235,15 @@ def sharded_embeddings(model: FRAME, store: Store, n_clips: int, task_cpus: floa
             if part.h_c0 is not None:
                 h_c0[ids] = torch.from_numpy(part.h_c0)
                 have_h_c0[ids] = True
-            rows = torch.from_numpy(part.user_rows)
-            h_u["pos"][rows] = torch.from_numpy(part.h_u_pos)
-            if h_u["neg"] is not None:
-                h_u["neg"][rows] = torch.from_numpy(part.h_u_neg)
-        np.add.at(user_count, part.user_rows, 1)
-        train_users.append(np.array(part.train_users))
-        train_videos.append(np.array(part.train_videos))
+        if part.users != manifest["shards"][k]["users"]:
+            raise PartitionError(f"graph N_c={n_clips}: shard {k} holds {part.users} users, "
+                                 f"its manifest says {manifest['shards'][k]['users']}")
+        users_per_shard.append(part.users)
+        cold += part.cold_users
         del part
-    if not (user_count == 1).all():
-        raise PartitionError(f"graph N_c={n_clips}: its shards hold {int(user_count.sum())} "
-                             f"user rows, not each of the manifest's {n_users} users once")
+    if sum(users_per_shard) != n_users:
+        raise PartitionError(f"graph N_c={n_clips}: its shards hold {sum(users_per_shard)} "
+                             f"user rows, not the manifest's {n_users} users")
 
     if reads_clip_features(model):
         _fill_orphan_clips(model, store, manifest, h_c0, have_h_c0)
@@ -221,10 +256,49 @@ def sharded_embeddings(model: FRAME, store: Store, n_clips: int, task_cpus: floa
         h_c = model.propagate(h_c0, reduce.graph).h_c  # (C, d) eqs. 8-10
     finally:
         model.propagation = before
-    return GraphEmbeddings(h_c, h_u["pos"], h_u["neg"],
+    user_refs = [list(generator) for generator in generators]  # references, never fetched
+    return ShardedPropagation(h_c, user_refs, users_per_shard, cold, manifest,
+                              bytes_from_tasks=received, seconds=time.monotonic() - start)
+
+
+def user_rows(model: FRAME, users: ShardUsers) -> Iterator[dict[str, np.ndarray | None]]:
+    """A ``user_side`` that yields the users' rows as they are (global ids; float32)."""
+    yield {"user_rows": users.user_rows, "h_u_pos": users.h_u_pos.numpy(),
+            "h_u_neg": None if users.h_u_neg is None else users.h_u_neg.numpy(),
+            "train_users": users.user_rows[users.train_rows],
+            "train_videos": users.train_videos}
+
+
+@torch.inference_mode()
+def sharded_embeddings(model: FRAME, store: Store, n_clips: int, task_cpus: float = 1.0
+                       ) -> GraphEmbeddings:
+    """:func:`propagate_shards` with every user's H_u gathered into (M, d) tables."""
+    import ray
+
+    propagation = propagate_shards(model, store, n_clips, user_rows, task_cpus)
+    manifest, d = propagation.manifest, model.dim
+    n_users = manifest["n_users"]
+    h_u = {"pos": torch.zeros(n_users, d),  # (M, d) each
+           "neg": torch.zeros(n_users, d) if model.use_negative else None}
+    user_count = np.zeros(n_users, dtype=np.int64)
+    train_users, train_videos, received = [], [], propagation.bytes_from_tasks
+    for refs in propagation.user_refs:
+        (part,) = ray.get(refs)
+        received += sum(a.nbytes for a in part.values() if a is not None)
+        rows = torch.from_numpy(np.array(part["user_rows"]))
+        h_u["pos"][rows] = torch.from_numpy(np.array(part["h_u_pos"]))
+        if h_u["neg"] is not None:
+            h_u["neg"][rows] = torch.from_numpy(np.array(part["h_u_neg"]))
+        np.add.at(user_count, part["user_rows"], 1)
+        train_users.append(np.array(part["train_users"]))
+        train_videos.append(np.array(part["train_videos"]))
+    if not (user_count == 1).all():
+        raise PartitionError(f"graph N_c={n_clips}: its shards hold {int(user_count.sum())} "
+                             f"user rows, not each of the manifest's {n_users} users once")
+    return GraphEmbeddings(propagation.h_c, h_u["pos"], h_u["neg"],
                            np.concatenate(train_users), np.concatenate(train_videos), manifest,
-                           tasks=len(refs), bytes_from_tasks=received,
-                           seconds=time.monotonic() - start)
+                           tasks=propagation.tasks, bytes_from_tasks=received,
+                           seconds=propagation.seconds)
 
 
 def _fill_orphan_clips(model: FRAME, store: Store, manifest: dict[str, Any], h_c0: Tensor,
@@ -239,5 +313,6 @@ def _fill_orphan_clips(model: FRAME, store: Store, manifest: dict[str, Any], h_c
         h_c0[clips] = model.clip_input(features, clips)  # (b N_c, d)
 
 
-__all__ = ["GraphEmbeddings", "ShardPartials", "graph_embeddings", "rebuild_model",
-           "shard_partials", "sharded_embeddings", "whole_graph_embeddings"]
+__all__ = ["ClipPartials", "GraphEmbeddings", "ShardUsers", "ShardedPropagation",
+           "propagate_shards", "reads_clip_features", "rebuild_model", "shard_task",
+           "sharded_embeddings", "user_rows", "whole_graph_embeddings"]

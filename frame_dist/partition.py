@@ -313,8 +313,8 @@ def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, 
 def load_whole_graph(store: Store, n_clips: int) -> tuple[Shard, dict[str, Any]]:
     """Every shard of the committed graph merged into one :class:`Shard` in the *global* space.
 
-    The one place the whole graph is assembled in one process (the evaluate stage, the score
-    stage's single-process path, benchmarks). Local row i is user i of the manifest's
+    The one place the whole graph is assembled in one process (the evaluate stage, the
+    reference embeddings of the score tests, benchmarks). Local row i is user i of the manifest's
     ``user_ids`` and local video v is video v of its ``video_ids``: **every** video of the graph,
     also the ones nobody interacted with (``video_ids = arange(N)``), so local clip v * N_c + j
     is global clip v * N_c + j. Interaction indices are global too. Raises

@@ -1,14 +1,15 @@
 """Stage [score]: the top-K videos of every user, with Ray Data over user chunks.
 
-1. **Embeddings, once** (:func:`prepare_scoring`, ``frame_dist.embeddings``). FRAME is rebuilt
-   from ``<store>/runs/<train.run_name>/model.pt`` and propagated once over the committed graph
-   for the run's N_c, in the *global* space (user row = position in the manifest's
-   ``user_ids``, clip ``v * N_c + j`` for every video v of the manifest): H_c (N N_c, d), H_u^p
-   and H_u^n (M, d). A graph of one shard is propagated in one process (``whole_graph``); a
-   partitioned graph by one Ray task per shard, each holding only its shard and the clip
-   features of its videos, computing its users' H_u (eq. 7, local) and its partial clip sums of
-   eq. 8, which the driver adds up before W^(2), ReLU and eqs. 9-10. The driver holds the
-   C x d and M x d tables, never the graph or the C x F clip features.
+1. **Embeddings, once** (:func:`prepare_scoring`, ``frame_dist.embeddings.propagate_shards``).
+   FRAME is rebuilt from ``<store>/runs/<train.run_name>/model.pt`` and propagated once over
+   the committed graph for the run's N_c by one Ray task per shard (also for one shard), each
+   holding only its shard and the clip features of its videos. A task computes its users' H_u
+   (eq. 7, local) and its partial clip sums of eq. 8, which the driver adds up before W^(2),
+   ReLU and eqs. 9-10: H_c (N N_c, d) in the global clip order v * N_c + j. The task also turns
+   its own users into the dataset rows of step 3 (:class:`UserChunks`: Z_u of step 2 and the
+   seen candidates), one object per chunk, left in the object store. The driver holds C x d
+   tables and the candidates' clip side -- nothing per user, never the graph or the C x F clip
+   features.
 
 2. **Fused tables** (:func:`fuse_tables`). MLP^p([h_u; h_c]) = w_p^T ReLU(W_p [h_u; h_c] + b_p)
    + c_p (eq. 11) splits its first layer into a user part and a clip part, so with G = 2H
@@ -26,16 +27,19 @@
    do one broadcast ``maximum`` and one matrix-vector product per tile (two passes over the
    tile instead of three); the compiled kernel fuses ReLU(z - t) . w into one loop.
 
-3. **Ray Data over user chunks** (:func:`run_scoring`). Users are cut into chunks of
-   ``score.users_per_chunk`` (chunk c = users c * U .. (c + 1) * U - 1 in manifest order). The
-   dataset has one row per chunk still to score, carrying that chunk's user ids, its rows of
-   Z_u and its seen (user, candidate) pairs; the clip side (T_c, w, beta, the candidate ids) is
-   put in the object store once and every actor of a pool of :class:`ScoreChunks` (GPU actors
-   when the cluster has GPUs) gets it once in ``__init__``. An actor scores its chunk in blocks
-   of videos (a running ``torch.topk`` merge per block; each block in cache-sized tiles), writes
+3. **Ray Data over user chunks** (:func:`run_scoring`). Each shard's users (in the shard's
+   order) are cut into chunks of ``score.users_per_chunk``; chunks are numbered shard after
+   shard (:attr:`ScoringPlan.first_chunk`, known from the graph manifest before any
+   propagation). The dataset (``ray.data.from_arrow_refs`` over the shard tasks' objects) has
+   one row per chunk still to score, carrying that chunk's user ids, its rows of Z_u and its
+   seen (user, candidate) pairs; the clip side (T_c, w, beta, the candidate ids) is put in the
+   object store once and every actor of a pool of :class:`ScoreChunks` (GPU actors when the
+   cluster has GPUs) gets it once in ``__init__``. An actor scores its chunk in blocks of
+   videos (a running ``torch.topk`` merge per block; each block in cache-sized tiles), writes
    the chunk's top-K rows as one staged part file of the ``scores`` table itself and returns
    only the part's name. Actor memory: the clip side plus users_per_chunk x (K +
-   videos_per_block) scores plus one tile, independent of the number of users.
+   videos_per_block) scores plus one tile, independent of the number of users. The driver
+   receives only part names.
 
 4. **Commit and resume.** The driver commits parts as they arrive (at most every
    ``COMMIT_MIN_INTERVAL_S``), manifest last; every part's meta lists its chunk ids. The
@@ -69,19 +73,19 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import scipy.sparse as sp
 import torch
 from torch import Tensor
 
 from feature_store.store import Part, Store, StoreError, open_filesystem
 from frame_dist.config import Config, ConfigError
-from frame_dist.embeddings import graph_embeddings, rebuild_model
+from frame_dist.embeddings import ShardUsers, propagate_shards, rebuild_model
 from frame_dist.graph import GraphError, IdMap
 from frame_dist.model import FRAME
 from frame_dist.partition import read_graph_manifest
@@ -107,43 +111,64 @@ class ScoreError(RuntimeError):
 
 
 @dataclass
-class FusedTables:
-    """The model's scoring function split into a user side and a clip side (module docstring)."""
+class ClipSide:
+    """The clip half of the fused scoring function, shared by every scoring actor."""
 
-    user_table: Tensor  # (M, G) Z_u
     clip_thresholds: Tensor  # (V, N_c, G) T_c = -Z_c of each candidate's clips
     out_weight: Tensor  # (G,) w = [a_p w_p ; -a_n w_n] / N_c
     out_bias: float  # beta = a_p c_p - a_n c_n
 
 
-@torch.no_grad()
-def fuse_tables(model: FRAME, h_c: Tensor, h_u_pos: Tensor, h_u_neg: Tensor | None,
-                clips_per_video: int, videos: Tensor | None = None) -> FusedTables:
-    """Z_u, T_c, w and beta of every user and of the clips of ``videos`` (default: all).
+@dataclass
+class FusedTables(ClipSide):
+    """The model's scoring function split into a user side and a clip side (module docstring)."""
 
-    ``h_c`` (N N_c, d) in clip order v * N_c + j; ``h_u_pos``, ``h_u_neg`` (M, d).
-    """
+    user_table: Tensor  # (M, G) Z_u
+
+
+def _sides(model: FRAME, h_u_pos: Tensor | None, h_u_neg: Tensor | None) -> list[tuple]:
+    """(MLP, H_u, signed output weight) of the positive side and, if used, the negative side."""
+    sides = [(model.mlp_pos, h_u_pos, model.a_pos)]
+    if model.use_negative:
+        sides.append((model.mlp_neg, h_u_neg, -model.a_neg))
+    return sides
+
+
+@torch.no_grad()
+def fuse_users(model: FRAME, h_u_pos: Tensor, h_u_neg: Tensor | None) -> Tensor:
+    """Z_u = [W_p[:, :d] h_u^p ; W_n[:, :d] h_u^n]: (M, G) from (M, d) each."""
+    if model.use_negative and h_u_neg is None:
+        raise ValueError("fuse_users: the model uses the negative side but h_u_neg is None")
+    # the same product the model adds (PreferenceMLP.forward), so Z_u + Z_c is its z
+    return torch.cat([torch.nn.functional.linear(h_u, mlp.hidden.weight[:, :model.dim])
+                      for mlp, h_u, _ in _sides(model, h_u_pos, h_u_neg)], -1).contiguous()
+
+
+@torch.no_grad()
+def fuse_clips(model: FRAME, h_c: Tensor, clips_per_video: int,
+               videos: Tensor | None = None) -> ClipSide:
+    """T_c, w and beta of the clips of ``videos`` (default: all); ``h_c`` (N N_c, d) in clip
+    order v * N_c + j."""
     d, n_c = model.dim, clips_per_video
     h_c_video = h_c.view(-1, n_c, d)  # (N, N_c, d)
     if videos is not None:
         h_c_video = h_c_video[videos]  # (V, N_c, d)
-    sides = [(model.mlp_pos, h_u_pos, model.a_pos)]
-    if model.use_negative:
-        if h_u_neg is None:
-            raise ValueError("fuse_tables: the model uses the negative side but h_u_neg is None")
-        sides.append((model.mlp_neg, h_u_neg, -model.a_neg))
-    user_parts, clip_parts, weights, bias = [], [], [], 0.0
-    for mlp, h_u, scale in sides:
-        w1 = mlp.hidden.weight  # (H, 2d)
-        # the same two products the model adds (PreferenceMLP.forward), so Z_u + Z_c is its z
-        user_parts.append(torch.nn.functional.linear(h_u, w1[:, :d]))  # (M, H)
-        clip_parts.append(torch.nn.functional.linear(h_c_video, w1[:, d:],
+    clip_parts, weights, bias = [], [], 0.0
+    for mlp, _, scale in _sides(model, None, None):
+        clip_parts.append(torch.nn.functional.linear(h_c_video, mlp.hidden.weight[:, d:],
                                                      mlp.hidden.bias))  # (V, N_c, H)
         weights.append(scale * mlp.out.weight[0] / n_c)  # (H,)
         bias += scale * float(mlp.out.bias[0])
-    return FusedTables(torch.cat(user_parts, -1).contiguous(),
-                       (-torch.cat(clip_parts, -1)).contiguous(),
-                       torch.cat(weights).contiguous(), bias)
+    return ClipSide((-torch.cat(clip_parts, -1)).contiguous(), torch.cat(weights).contiguous(),
+                    bias)
+
+
+def fuse_tables(model: FRAME, h_c: Tensor, h_u_pos: Tensor, h_u_neg: Tensor | None,
+                clips_per_video: int, videos: Tensor | None = None) -> FusedTables:
+    """Z_u of every user and T_c, w, beta of the clips of ``videos`` (default: all)."""
+    clip = fuse_clips(model, h_c, clips_per_video, videos)
+    return FusedTables(clip.clip_thresholds, clip.out_weight, clip.out_bias,
+                       fuse_users(model, h_u_pos, h_u_neg))
 
 
 # --------------------------------------------------------------------------- scoring kernel
@@ -297,16 +322,17 @@ class FusedScorer:
 
 @dataclass
 class ScoringInputs:
-    """Everything the actors need, computed once on the driver (:func:`prepare_scoring`)."""
+    """What the driver hands the scoring actors (:func:`prepare_scoring`): nothing per user."""
 
-    tables: FusedTables  # Z_u of every user, T_c of every candidate
-    user_ids: pa.Array  # (M,) string, manifest order
+    clip_side: ClipSide  # T_c of every candidate, w, beta
     video_ids: pa.Array  # (V,) string, the candidates in global video order
-    seen: sp.csr_matrix | None  # (M, V) bool: candidates seen in training (exclude_seen)
+    user_chunks: list[Any]  # ObjectRefs of one-row CHUNK_SCHEMA tables, one per chunk to score
     identity: dict[str, Any]  # what makes two result sets comparable (module docstring)
+    n_users: int  # M, users of the graph
     cold_users: int  # users without any training interaction (H_u = 0)
-    n_chunks: int
-    shard_tasks: int = 0  # Ray tasks that computed the embeddings (0: one process)
+    n_chunks: int  # every chunk of the run (scored or not)
+    shard_tasks: int = 0  # Ray tasks that computed the embeddings
+    bytes_from_tasks: int = 0  # what the shard tasks sent the driver (the clip side only)
 
 
 def read_candidates(path: str, store: Store, videos: IdMap) -> np.ndarray:
@@ -348,7 +374,11 @@ class ScoringPlan:
     saved: dict[str, Any]  # model.pt: model_args, state_dict, config
     manifest: dict[str, Any]  # the graph manifest of the run's N_c
     candidates: np.ndarray  # (V,) sorted global video indices
-    n_chunks: int
+    first_chunk: list[int]  # (P + 1,) chunk id of each shard's first chunk; the last: n_chunks
+
+    @property
+    def n_chunks(self) -> int:
+        return self.first_chunk[-1]
 
 
 def plan_scoring(cfg: Config, store: Store) -> ScoringPlan:
@@ -381,51 +411,77 @@ def plan_scoring(cfg: Config, store: Store) -> ScoringPlan:
         "top_k": s.top_k,
         "exclude_seen": s.exclude_seen,
         "candidates": candidate_identity,
-        "users_per_chunk": s.users_per_chunk,  # defines the chunk ids
+        "users_per_chunk": s.users_per_chunk,  # defines the chunk ids (with the graph)
     }
+    # chunk (k, b): users b * U .. (b + 1) * U - 1 of shard k, numbered shard after shard
+    per_shard = [-(-shard["users"] // s.users_per_chunk) for shard in manifest["shards"]]
     return ScoringPlan(identity, saved, manifest, candidates,
-                       n_chunks=-(-manifest["n_users"] // s.users_per_chunk))
+                       first_chunk=np.concatenate([[0], np.cumsum(per_shard)]).tolist())
+
+
+@dataclass
+class UserChunks:
+    """The user side of a shard's embedding task (``embeddings.propagate_shards``): its users'
+    chunk rows (CHUNK_SCHEMA), made inside the task and left in the object store.
+
+    Z_u (one (M_k, d) x (d, G) product) and the seen candidates come from the shard's own rows,
+    so no user's data passes through the driver. Picklable: it travels with each task.
+    """
+
+    users_per_chunk: int
+    first_chunk: list[int]  # (P + 1,) ScoringPlan.first_chunk
+    todo: np.ndarray  # sorted chunk ids still to score
+    candidate_of_video: np.ndarray | None  # (N,) candidate position of each video, -1: none;
+    # None: seen videos are not excluded
+
+    def __call__(self, model: FRAME, users: ShardUsers) -> Iterator[pa.Table]:
+        z_u = fuse_users(model, users.h_u_pos, users.h_u_neg)  # (M_k, G)
+        if not torch.isfinite(z_u).all():
+            raise ScoreError(f"graph shard {users.index}: non-finite values in the fused user "
+                             "table (diverged weights?)")
+        seen = None
+        if self.candidate_of_video is not None:
+            position = self.candidate_of_video[users.train_videos]  # (n_k,)
+            keep = position >= 0
+            seen = (users.train_rows[keep], position[keep])
+        ids = users.manifest["user_ids"]
+        yield from chunk_tables([ids[r] for r in users.user_rows], z_u.numpy(), seen,
+                                self.users_per_chunk, self.first_chunk[users.index], self.todo)
 
 
 @torch.inference_mode()
-def prepare_scoring(cfg: Config, store: Store, plan: ScoringPlan | None = None
-                    ) -> ScoringInputs:
-    """Rebuild the run's model, propagate once over the whole graph, fuse the tables.
+def prepare_scoring(cfg: Config, store: Store, plan: ScoringPlan | None = None,
+                    done: set[int] | frozenset[int] = frozenset()) -> ScoringInputs:
+    """Rebuild the run's model, propagate once (one Ray task per shard), fuse the clip side.
 
-    One process for a graph of one shard, one Ray task per shard otherwise (module doc).
+    The shard tasks turn their users into the chunk rows of the chunks not in ``done``
+    (:class:`UserChunks`); the driver keeps only references to them (module doc).
     """
     plan = plan if plan is not None else plan_scoring(cfg, store)
     model = rebuild_model(plan.saved)
     n_clips = plan.identity["n_clips"]
-    whole = graph_embeddings(model, store, n_clips, cfg.score.shard_task_cpus)
+    candidates = plan.candidates
+    candidate_of_video = None
+    if cfg.score.exclude_seen:
+        candidate_of_video = np.full(plan.manifest["n_videos"], -1, dtype=np.int64)
+        candidate_of_video[candidates] = np.arange(len(candidates))
+    todo = np.array(sorted(set(range(plan.n_chunks)) - set(done)), dtype=np.int64)
+    user_side = UserChunks(cfg.score.users_per_chunk, plan.first_chunk, todo,
+                           candidate_of_video)
+    whole = propagate_shards(model, store, n_clips, user_side, cfg.score.shard_task_cpus)
     if whole.manifest["fingerprint"] != plan.identity["graph"]:
         raise ScoreError(f"the graph for N_c={n_clips} was rebuilt while scoring started")
-    candidates = plan.candidates
-    tables = fuse_tables(model, whole.h_c, whole.h_u_pos, whole.h_u_neg, n_clips,
-                         torch.from_numpy(candidates))
-    for name in ("user_table", "clip_thresholds", "out_weight"):
-        if not torch.isfinite(getattr(tables, name)).all():
+    clip_side = fuse_clips(model, whole.h_c, n_clips, torch.from_numpy(candidates))
+    for name in ("clip_thresholds", "out_weight"):
+        if not torch.isfinite(getattr(clip_side, name)).all():
             raise ScoreError(f"run {cfg.train.run_name}: non-finite values in the fused "
                              f"{name} (diverged weights?)")
-
-    n_users, n_videos = whole.manifest["n_users"], whole.manifest["n_videos"]
-    seen = None
-    if cfg.score.exclude_seen:
-        position = np.full(n_videos, -1, dtype=np.int64)
-        position[candidates] = np.arange(len(candidates))
-        cand = position[whole.train_videos]  # candidate position of each training pair
-        keep = cand >= 0
-        seen = sp.csr_matrix((np.ones(int(keep.sum()), bool),
-                              (whole.train_users[keep], cand[keep])),
-                             shape=(n_users, len(candidates)))
-        seen.sum_duplicates()
-    has_train = np.zeros(n_users, dtype=bool)
-    has_train[whole.train_users] = True
+    refs = [ref for shard in whole.user_refs for ref in shard]  # one per chunk to score
     video_ids = pa.array(whole.manifest["video_ids"], pa.string())
-    return ScoringInputs(tables, pa.array(whole.manifest["user_ids"], pa.string()),
-                         pc.take(video_ids, pa.array(candidates)), seen, plan.identity,
-                         cold_users=int((~has_train).sum()), n_chunks=plan.n_chunks,
-                         shard_tasks=whole.tasks)
+    return ScoringInputs(clip_side, pc.take(video_ids, pa.array(candidates)), refs,
+                         plan.identity, n_users=whole.manifest["n_users"],
+                         cold_users=whole.cold_users, n_chunks=plan.n_chunks,
+                         shard_tasks=whole.tasks, bytes_from_tasks=whole.bytes_from_tasks)
 
 
 # --------------------------------------------------------------------------- Ray Data actors
@@ -445,19 +501,31 @@ PART_SCHEMA = pa.schema([
 ])
 
 
-def chunk_rows(inputs: ScoringInputs, chunk: int, users_per_chunk: int) -> pa.Table:
-    """One dataset row: the users of ``chunk`` with their Z_u rows and seen candidates."""
-    first = chunk * users_per_chunk
-    stop = min(first + users_per_chunk, len(inputs.user_ids))
-    z_u = inputs.tables.user_table[first:stop].numpy()
+def chunk_tables(user_ids: list[str], z_u: np.ndarray,
+                 seen: tuple[np.ndarray, np.ndarray] | None, users_per_chunk: int,
+                 first_chunk: int = 0, todo: np.ndarray | None = None) -> Iterator[pa.Table]:
+    """Dataset rows (CHUNK_SCHEMA) of consecutive users, one table of one row per chunk: chunk
+    ``first_chunk + b`` holds users b * U .. (b + 1) * U - 1; only the chunks in ``todo``
+    (default: all).
+
+    ``z_u`` (n, G) their Z_u rows; ``seen`` = (row, candidate position) of the pairs to exclude.
+    """
     rows = positions = np.zeros(0, np.int64)
-    if inputs.seen is not None:
-        block = inputs.seen[first:stop].tocoo()
-        rows, positions = block.row.astype(np.int64), block.col.astype(np.int64)
-    return pa.Table.from_pylist([{
-        "chunk": chunk, "user_ids": inputs.user_ids[first:stop].to_pylist(),
-        "user_table": z_u.astype(np.float32).tobytes(), "seen_rows": rows.tobytes(),
-        "seen_positions": positions.tobytes()}], schema=CHUNK_SCHEMA)
+    if seen is not None:
+        order = np.lexsort((seen[1], seen[0]))  # by row: each chunk's pairs are one slice
+        rows, positions = seen[0][order].astype(np.int64), seen[1][order].astype(np.int64)
+    wanted = None if todo is None else set(np.asarray(todo).tolist())
+    for b in range(-(-len(user_ids) // users_per_chunk)):  # one iteration per chunk
+        chunk = first_chunk + b
+        if wanted is not None and chunk not in wanted:
+            continue
+        first, stop = b * users_per_chunk, min((b + 1) * users_per_chunk, len(user_ids))
+        lo, hi = np.searchsorted(rows, [first, stop])
+        yield pa.Table.from_pylist([{
+            "chunk": chunk, "user_ids": user_ids[first:stop],
+            "user_table": np.ascontiguousarray(z_u[first:stop], np.float32).tobytes(),
+            "seen_rows": (rows[lo:hi] - first).tobytes(),
+            "seen_positions": positions[lo:hi].tobytes()}], schema=CHUNK_SCHEMA)
 
 
 def top_k_table(user_ids: pa.Array, values: np.ndarray, positions: np.ndarray,
@@ -535,7 +603,7 @@ class ScoreSummary:
     started_over: bool  # another identity was committed before: replaced
     seconds: float
     table_uri: str
-    shard_tasks: int = 0  # Ray tasks that computed the embeddings (0: one process)
+    shard_tasks: int = 0  # Ray tasks that computed the embeddings (0: embeddings given)
 
     def line(self) -> str:
         if not self.scored_chunks:
@@ -544,7 +612,7 @@ class ScoreSummary:
         return (f"score: {self.users} users x {self.candidates} candidate videos; "
                 f"{self.scored_chunks} chunks scored, {self.skipped_chunks} skipped (already "
                 f"committed); {self.rows} rows, {self.cold_users} cold users; embeddings "
-                f"{f'{self.shard_tasks} shard tasks' if self.shard_tasks else 'one process'}; "
+                f"{f'{self.shard_tasks} shard task(s)' if self.shard_tasks else 'given'}; "
                 f"kernel {self.kernel}, {self.actors} actor(s), {self.seconds:.1f}s -> "
                 f"{self.table_uri}")
 
@@ -568,8 +636,7 @@ def resolve_kernel(kernel: str, use_gpu: bool, inputs: ScoringInputs, actors: in
         return kernel
     if use_gpu:
         return "eager"
-    t = inputs.tables
-    elements = t.user_table.shape[0] * t.clip_thresholds.numel()  # U x V x N_c x G
+    elements = inputs.n_users * inputs.clip_side.clip_thresholds.numel()  # U x V x N_c x G
     has_compiler = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++",
                                                  "clang++"))
     return "compiled" if has_compiler and elements / actors > AUTO_COMPILE_MIN_ELEMENTS \
@@ -592,7 +659,6 @@ def run_scoring(cfg: Config, store: Store, *, inputs: ScoringInputs | None = Non
         plan = plan_scoring(cfg, store)  # refuses a missing run, graph or candidate file
     identity = plan.identity if plan is not None else inputs.identity
     n_chunks = plan.n_chunks if plan is not None else inputs.n_chunks
-    upc = cfg.score.users_per_chunk
     done = committed_chunks(store, identity)
     started_over = done is None
     done = done or set()
@@ -611,7 +677,7 @@ def run_scoring(cfg: Config, store: Store, *, inputs: ScoringInputs | None = Non
         print(summary.line(), flush=True)
         return summary
     if inputs is None:
-        inputs = prepare_scoring(cfg, store, plan)
+        inputs = prepare_scoring(cfg, store, plan, done)
 
     import ray  # Ray from here on: the pool of scoring actors
 
@@ -624,11 +690,11 @@ def run_scoring(cfg: Config, store: Store, *, inputs: ScoringInputs | None = Non
                           else int(resources.get("CPU", 1)))
     n_actors = max(1, min(actors, len(todo)))
     used_kernel = resolve_kernel(s.kernel, use_gpu, inputs, n_actors)
-    t = inputs.tables
+    t = inputs.clip_side
     clip_side = {"ref": ray.put({
         "clip_thresholds": t.clip_thresholds.numpy(), "out_weight": t.out_weight.numpy(),
         "out_bias": t.out_bias, "video_ids": inputs.video_ids})}
-    ds = ray.data.from_arrow([chunk_rows(inputs, c, upc) for c in todo])
+    ds = ray.data.from_arrow_refs(inputs.user_chunks)  # made by the shard tasks
     ds = ds.map_batches(
         ScoreChunks, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs=dict(clip_side=clip_side, store=store,
@@ -638,7 +704,7 @@ def run_scoring(cfg: Config, store: Store, *, inputs: ScoringInputs | None = Non
         num_gpus=1 if use_gpu else 0)
     _commit_as_they_arrive(ds, store, cfg, inputs, done, replace=started_over)
     summary = ScoreSummary(
-        users=len(inputs.user_ids), candidates=len(inputs.video_ids), chunks=n_chunks,
+        users=inputs.n_users, candidates=len(inputs.video_ids), chunks=n_chunks,
         scored_chunks=len(todo), skipped_chunks=n_chunks - len(todo),
         rows=sum(p.rows for p in table.parts()), cold_users=inputs.cold_users,
         kernel=used_kernel, actors=n_actors, started_over=started_over,
@@ -652,7 +718,7 @@ def _table_metadata(inputs: ScoringInputs, committed: int, complete: bool) -> di
     """Manifest metadata of ``scores``: the run identity and how far the run got."""
     return {"identity": inputs.identity, "chunks": inputs.n_chunks,
             "chunks_committed": committed, "complete": complete,
-            "users": len(inputs.user_ids), "candidates": len(inputs.video_ids),
+            "users": inputs.n_users, "candidates": len(inputs.video_ids),
             "cold_users": inputs.cold_users}
 
 
@@ -700,6 +766,7 @@ def read_scores(store: Store) -> pa.Table:
     return table.sort_by([("user_id", "ascending"), ("rank", "ascending")])
 
 
-__all__ = ["FusedScorer", "FusedTables", "ScoreChunks", "ScoreError", "ScoreSummary",
-           "ScoringInputs", "ScoringPlan", "committed_chunks", "fuse_tables", "plan_scoring",
+__all__ = ["ClipSide", "FusedScorer", "FusedTables", "ScoreChunks", "ScoreError",
+           "ScoreSummary", "ScoringInputs", "ScoringPlan", "UserChunks", "chunk_tables",
+           "committed_chunks", "fuse_clips", "fuse_tables", "fuse_users", "plan_scoring",
            "prepare_scoring", "read_candidates", "read_scores", "run_scoring", "top_k_table"]

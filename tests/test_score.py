@@ -44,14 +44,21 @@ from feature_store.frames import (
 )
 from feature_store.store import Store, StoreError
 from frame_dist.config import ConfigError, load_config
-from frame_dist.embeddings import graph_embeddings, sharded_embeddings, whole_graph_embeddings
+from frame_dist.embeddings import sharded_embeddings, whole_graph_embeddings
 from frame_dist.model import FRAME
-from frame_dist.partition import build_shards, load_clip_features, load_shards
+from frame_dist.partition import (
+    build_shards,
+    load_clip_features,
+    load_shards,
+    read_graph_manifest,
+)
 from frame_dist.scoring import (
+    CHUNK_SCHEMA,
     FAULT_ENV,
     SCORES_TABLE,
     FusedScorer,
     ScoreError,
+    chunk_tables,
     fuse_tables,
     prepare_scoring,
     read_scores,
@@ -125,6 +132,12 @@ def reference(world):
     seen = {(user_ids[u], video_ids[v]) for u, v in zip(shard.train["user"],
                                                         shard.train["video"])}
     return scores, seen, sorted(user_ids), sorted(video_ids)
+
+
+def _n_chunks(store: Store, users_per_chunk: int = 5) -> int:
+    """Chunks of the run: each shard's users cut into chunks of ``users_per_chunk``."""
+    shards = read_graph_manifest(store, 4)["shards"]
+    return sum(-(-s["users"] // users_per_chunk) for s in shards)
 
 
 def _lists(table: pa.Table) -> dict[str, list[tuple[str, float]]]:
@@ -240,6 +253,28 @@ def test_compiled_kernel_equals_eager() -> None:
     assert torch.equal(positions, top.indices)
 
 
+def test_chunk_table_cuts_users_and_their_seen_pairs() -> None:
+    """Chunk first_chunk + b = users b * U .. (b + 1) * U - 1; seen rows relative to it."""
+    z_u = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)  # 7 users, G = 3
+    ids = [f"u{i}" for i in range(7)]
+    seen = (np.array([6, 0, 3, 0, 4]), np.array([2, 5, 1, 1, 0]))  # unsorted (row, position)
+    tables = list(chunk_tables(ids, z_u, seen, users_per_chunk=3, first_chunk=10))
+    assert [t.num_rows for t in tables] == [1, 1, 1] and tables[0].schema == CHUNK_SCHEMA
+    rows = pa.concat_tables(tables).to_pylist()
+    assert [r["chunk"] for r in rows] == [10, 11, 12]
+    assert [r["user_ids"] for r in rows] == [ids[0:3], ids[3:6], ids[6:7]]
+    for r, first in zip(rows, (0, 3, 6)):
+        got = np.frombuffer(r["user_table"], np.float32).reshape(-1, 3)
+        np.testing.assert_array_equal(got, z_u[first:first + len(r["user_ids"])])
+    pairs = [list(zip(np.frombuffer(r["seen_rows"], np.int64).tolist(),
+                      np.frombuffer(r["seen_positions"], np.int64).tolist())) for r in rows]
+    assert pairs == [[(0, 1), (0, 5)], [(0, 1), (1, 0)], [(0, 2)]]
+    # only the chunks still to score; none without a seen list
+    tables = chunk_tables(ids, z_u, None, 3, first_chunk=10, todo=np.array([12, 10, 99]))
+    assert [t["chunk"][0].as_py() for t in tables] == [10, 12]
+    assert not list(chunk_tables(ids, z_u, None, 3, 10, todo=np.array([], np.int64)))
+
+
 # --------------------------------------------------------------------------- the job (Ray)
 
 
@@ -249,7 +284,10 @@ def test_top_k_equals_brute_force_forward(world, reference, clean_run) -> None:
     _, _, users, videos = reference
     assert GHOST not in users and world[3] not in videos  # absent from the graph
     assert summary.users == len(users) == 24 and summary.candidates == len(videos) == 9
-    assert summary.chunks == summary.scored_chunks == 5 and summary.skipped_chunks == 0
+    _, store, _, _ = world
+    assert [s["users"] for s in read_graph_manifest(store, 4)["shards"]] == [12, 12]
+    assert summary.chunks == summary.scored_chunks == _n_chunks(store) == 6  # 3 per shard
+    assert summary.skipped_chunks == 0
     assert summary.cold_users == len(COLD)
     got = _lists(table)
     expected = _naive_top_k(reference, 3, exclude_seen=True)
@@ -269,14 +307,48 @@ def test_manifest_identity_and_parts(world, clean_run) -> None:
     _, store, _, _ = world
     table = store.table(SCORES_TABLE)
     meta = table.metadata()
-    assert meta["complete"] is True and meta["chunks"] == meta["chunks_committed"] == 5
+    assert meta["complete"] is True and meta["chunks"] == meta["chunks_committed"] == 6
     identity = meta["identity"]
     assert identity["run"] == RUN and identity["top_k"] == 3
     assert identity["exclude_seen"] is True and identity["candidates"] == "all"
     assert len(identity["model_sha256"]) == 64
     chunks = sorted(c for p in table.parts() for c in p.meta["chunks"])
-    assert chunks == [0, 1, 2, 3, 4]  # each chunk in exactly one part
+    assert chunks == [0, 1, 2, 3, 4, 5]  # each chunk in exactly one part
     assert store.exists("tables", SCORES_TABLE, "config.yaml")
+
+
+@pytest.mark.slow
+def test_driver_receives_the_clip_side_only(world, ray_local) -> None:
+    """The shard tasks send the driver their clip partials and nothing per user; the users'
+    chunk rows stay in the object store and equal Z_u of the single-process embeddings."""
+    import ray
+
+    cfg, store, _, _ = world
+    inputs = prepare_scoring(cfg, store, done={1, 4})
+    manifest = read_graph_manifest(store, 4)
+    d = 16
+    clips = [s["videos"] * 4 for s in manifest["shards"]]
+    assert inputs.bytes_from_tasks == sum(c * 8 + 3 * c * d * 4 for c in clips)
+    assert len(inputs.user_chunks) == 4  # one object per chunk still to score
+    assert all(isinstance(r, ray.ObjectRef) for r in inputs.user_chunks)
+    assert inputs.n_users == 24 and inputs.cold_users == len(COLD) and inputs.n_chunks == 6
+    rows = pa.concat_tables(ray.get(inputs.user_chunks)).to_pylist()
+    assert sorted(r["chunk"] for r in rows) == [0, 2, 3, 5]  # not the chunks already done
+
+    model = _model_variant("trained", store, 0)
+    single = whole_graph_embeddings(model, store, 4)
+    tables = fuse_tables(model, single.h_c, single.h_u_pos, single.h_u_neg, 4)
+    torch.testing.assert_close(inputs.clip_side.clip_thresholds, tables.clip_thresholds,
+                               atol=TOL, rtol=0)
+    row_of = {u: i for i, u in enumerate(manifest["user_ids"])}
+    seen = {(int(u), int(v)) for u, v in zip(single.train_users, single.train_videos)}
+    for r in rows:
+        users = [row_of[u] for u in r["user_ids"]]
+        z_u = np.frombuffer(r["user_table"], np.float32).reshape(len(users), -1)
+        np.testing.assert_allclose(z_u, tables.user_table[users].numpy(), atol=TOL, rtol=0)
+        got = {(users[i], int(p)) for i, p in zip(np.frombuffer(r["seen_rows"], np.int64),
+                                                  np.frombuffer(r["seen_positions"], np.int64))}
+        assert got == {(u, v) for u, v in seen if u in set(users)}  # all videos: position = v
 
 
 @pytest.mark.slow
@@ -285,25 +357,25 @@ def test_rerun_is_skipped_and_new_identity_starts_over(world, reference, clean_r
     shutil.copytree(world[1].path("tables", SCORES_TABLE), store.path("tables", SCORES_TABLE))
     version = store.table(SCORES_TABLE).manifest()["version"]
     again = run_scoring(cfg, store)
-    assert again.scored_chunks == 0 and again.skipped_chunks == 5
+    assert again.scored_chunks == 0 and again.skipped_chunks == 6
     assert again.kernel == "-" and again.users == 24 and again.rows == clean_run[0].rows
     assert store.table(SCORES_TABLE).manifest()["version"] == version  # nothing committed
     # a driver killed between its last chunk and the final commit: only the mark is missing
     store.table(SCORES_TABLE).commit([], {"complete": False})
     assert run_scoring(cfg, store).scored_chunks == 0
     assert store.table(SCORES_TABLE).metadata()["complete"] is True
-    assert len(store.table(SCORES_TABLE).parts()) == 5
+    assert len(store.table(SCORES_TABLE).parts()) == 6
 
     # another K and no exclusion: the old result set is replaced, not mixed
     cfg = load_config(None, [*overrides, "score.top_k=50", "score.exclude_seen=false",
                              "score.actors=1"])
     summary = run_scoring(cfg, store)
-    assert summary.started_over and summary.scored_chunks == 5
+    assert summary.started_over and summary.scored_chunks == 6
     got = _lists(read_scores(store))
     _assert_same_lists(got, _naive_top_k(reference, 50, exclude_seen=False))
     assert all(len(lst) == 9 for lst in got.values())  # K > candidates: all 9 videos
     assert store.table(SCORES_TABLE).metadata()["identity"]["top_k"] == 50
-    assert len(store.table(SCORES_TABLE).parts()) == 5
+    assert len(store.table(SCORES_TABLE).parts()) == 6
     _, seen, _, _ = reference
     assert {(u, v) for u, lst in got.items() for v, _ in lst} >= seen  # seen ones included
 
@@ -374,7 +446,7 @@ def test_killed_driver_resumes_to_the_clean_result(world, clean_run, ray_local, 
     assert "killing the driver after commit 1" in proc.stderr
     table = store.table(SCORES_TABLE)
     done = {c for p in table.parts() for c in p.meta["chunks"]}
-    assert 0 < len(done) < 5
+    assert 0 < len(done) < 6
     assert table.metadata()["complete"] is False
     partial, whole = _lists(table.read()), _lists(clean)
     assert 0 < len(partial) < len(whole)
@@ -382,10 +454,10 @@ def test_killed_driver_resumes_to_the_clean_result(world, clean_run, ray_local, 
 
     assert score_job.main(["--config", str(tmp_path / "config.yaml")]) == 0
     out = capsys.readouterr().out
-    assert f"{5 - len(done)} chunks scored, {len(done)} skipped (already committed)" in out
+    assert f"{6 - len(done)} chunks scored, {len(done)} skipped (already committed)" in out
     final = read_scores(store)
     chunks = [c for p in table.parts() for c in p.meta["chunks"]]
-    assert sorted(chunks) == [0, 1, 2, 3, 4]  # exactly one committed part per chunk
+    assert sorted(chunks) == [0, 1, 2, 3, 4, 5]  # exactly one committed part per chunk
     assert final.num_rows == clean.num_rows
     assert final.select(["user_id", "rank", "video_id"]).equals(
         clean.select(["user_id", "rank", "video_id"]))
@@ -486,7 +558,6 @@ def test_sharded_embeddings_equal_single_process_and_forward(three_shards, ray_l
     single = whole_graph_embeddings(model, store, n_c)
     sharded = sharded_embeddings(model, store, n_c)
     assert (single.tasks, sharded.tasks) == (0, 3)
-    assert graph_embeddings(model, store, n_c).tasks == 3  # 3 shards: the sharded path
     assert sharded.h_c.shape == (n_videos * n_c, 16) and sharded.h_u_pos.shape == (n_users, 16)
     for name in ("h_c", "h_u_pos", "h_u_neg"):
         got, expected = getattr(sharded, name), getattr(single, name)
@@ -523,7 +594,7 @@ def test_job_over_three_shards_ranks_as_the_forward(three_shards, ray_local, cap
     _, store, overrides, manifest = three_shards
     assert score_job.main([*overrides, "score.kernel=eager", "score.actors=2"]) == 0
     out = capsys.readouterr().out
-    assert "embeddings 3 shard tasks; kernel eager, 2 actor(s)" in out
+    assert "embeddings 3 shard task(s); kernel eager, 2 actor(s)" in out
     model = _model_variant("trained", store, 0)
     data, _ = whole_graph(store, 4)
     n_users, n_videos = len(data.user_rows), len(data.video_ids)
