@@ -15,7 +15,7 @@ user's training interactions.
     (``RecordedClipSums``). The task is a streaming generator: it yields the clip side first
     (:class:`ClipPartials`, fetched by the driver), then every object the caller's
     ``user_side`` function yields for its users (:class:`ShardUsers`) -- the score stage's
-    chunk rows, one object per chunk, left in the object store for the scoring actors; the
+    chunk rows, in objects of >= 256 KiB, left in the object store for the scoring actors; the
     driver only holds the references.
   - reduce, on the driver: S = sum_k S_k, added in shard order (the same bits on every run),
     then eqs. 8-10 through ``model.propagate`` with ``SummedClipSums`` (a propagation without

@@ -23,7 +23,7 @@ import torch
 
 from feature_store.store import Store, StoreError
 from frame_dist.config import Config
-from frame_dist.embeddings import rebuild_model
+from frame_dist.embeddings import reads_clip_features, rebuild_model
 from frame_dist.graph import IdMap, encode_interactions
 from frame_dist.metrics import all_metrics
 from frame_dist.model import FRAME
@@ -49,7 +49,8 @@ class TestSplit:
 
     model: FRAME  # eval mode
     n_clips: int
-    data: WorkerData  # the whole graph (frame_dist.worker_data.whole_graph)
+    data: WorkerData  # the whole graph (frame_dist.worker_data.whole_graph); clip features
+    # only for a model that reads them (None when it owns its clip table)
     rows: pd.DataFrame  # the test rows of the interactions table
     users: np.ndarray  # (n,) local user of each row
     videos: np.ndarray  # (n,) local video of each row
@@ -58,7 +59,8 @@ class TestSplit:
 def load_test_split(store: Store, run_name: str) -> TestSplit:
     model, trained_cfg = load_trained_model(store, run_name)
     n_clips = trained_cfg["graph"]["n_clips"]
-    data, manifest = whole_graph(store, n_clips, model.use_negative)
+    data, manifest = whole_graph(store, n_clips, model.use_negative,
+                                 with_features=reads_clip_features(model))  # (C, F): if read
     rows, users, videos = split_pairs(store, data, manifest, "test")
     return TestSplit(model, n_clips, data, rows, users, videos)
 
@@ -85,7 +87,8 @@ def evaluate_run(cfg: Config, store: Store, test: TestSplit | None = None) -> di
     """
     test = test if test is not None else load_test_split(store, cfg.train.run_name)
     n_clips, rows, users = test.n_clips, test.rows, test.users
-    logits = predict(test.model, test.data.clip_features, test.data.graph, users, test.videos)
+    logits = predict(test.model, test.data.clip_features, test.data.graph, users, test.videos,
+                     batch_size=cfg.evaluate.batch_size)
     labels = rows["full_watch"].to_numpy().astype(np.int64)
     result: dict[str, Any] = {
         "run": cfg.train.run_name, "n_clips": n_clips,

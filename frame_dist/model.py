@@ -339,15 +339,23 @@ class FRAME(nn.Module):
         return torch.topk(scores, min(k, scores.shape[1]), dim=1)
 
     def score_pairs(self, clip_features: Tensor | None, graph: PropagationGraph,
-                    users: Tensor, videos: Tensor) -> Tensor:
-        """y(u, v) (eq. 13) for (user, video) pairs, propagating only to their videos' clips."""
+                    users: Tensor, videos: Tensor, batch_size: int | None = None) -> Tensor:
+        """y(u, v) (eq. 13) for (user, video) pairs, propagating only to their videos' clips.
+
+        One propagation; the pair MLPs then run ``batch_size`` pairs at a time (None: all at
+        once), so their activations (pairs x N_c x hidden) stay bounded.
+        """
         self.check_pairs(users, videos, graph)
         clips, inverse = self._video_clips(videos, graph.clips_per_video)
         h_c, h_u_pos, h_u_neg = self.embeddings(clip_features, graph, clips)
-        n_c = graph.clips_per_video
-        h_c_pair = h_c.view(-1, n_c, self.dim)[inverse]  # (B, N_c, d)
-        hn = None if h_u_neg is None else h_u_neg[users, None]
-        return self.clip_scores(h_u_pos[users, None], hn, h_c_pair).mean(-1)  # (B,)
+        h_c_video = h_c.view(-1, graph.clips_per_video, self.dim)  # (V', N_c, d)
+        step = max(1, len(users) if batch_size is None else batch_size)
+        out = []
+        for i in range(0, len(users), step):
+            u, v = users[i:i + step], inverse[i:i + step]
+            hn = None if h_u_neg is None else h_u_neg[u, None]
+            out.append(self.clip_scores(h_u_pos[u, None], hn, h_c_video[v]).mean(-1))  # (b,)
+        return torch.cat(out) if out else h_c.new_zeros(0)  # (B,)
 
     # ------------------------------------------------------------------ training forward
 

@@ -605,16 +605,18 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
         terms.append(Term("step: gathered clip table rows", 2 * c_w * f * 4, dev,
                           f"2 x C_w = {c_w:,.0f} x F = {f} x 4 B (the rows of the local clips "
                           "and their gradient)"))
-    # evaluation after every epoch: the whole split of this worker at once, no gradients
+    # evaluation after every epoch: one propagation for the split's clips, no gradients, then
+    # the pair MLPs evaluate.batch_size pairs at a time
     n_eval = max(share.valid, share.test)
+    eval_batch = min(n_eval, cfg.evaluate.batch_size)
     eval_clips = min(c_w, n_eval * n_c)
     n_eval_all = max(stats.n_valid, stats.n_test)
     terms.append(Term(
-        "evaluation (whole split)",
-        n_eval * (n_c * (d + 2 * h) + graphs * d) * act
+        "evaluation",
+        eval_batch * (n_c * (d + 2 * h) + graphs * d) * act + n_eval * 16
         + (2 * c_w + 2 * graphs * m_w + (2 * graphs + 3) * eval_clips) * d * 4, dev,
-        f"{n_eval:,.0f} pairs x (N_c x (d + 2 x hidden) + {graphs} x d) x {act} B + "
-        f"embeddings of C_w clips and M_w users"))
+        f"{eval_batch:,.0f} pairs at a time x (N_c x (d + 2 x hidden) + {graphs} x d) x {act} "
+        f"B + 16 B x {n_eval:,.0f} pairs + embeddings of C_w clips and M_w users"))
     if w > 1:
         terms.append(Term("evaluation: gathered scores", 60 * n_eval_all, "host",
                           f"{n_eval_all:,} pairs x 60 B (all_gather_object of every worker's)"))

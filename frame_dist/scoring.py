@@ -7,7 +7,8 @@
    (eq. 7, local) and its partial clip sums of eq. 8, which the driver adds up before W^(2),
    ReLU and eqs. 9-10: H_c (N N_c, d) in the global clip order v * N_c + j. The task also turns
    its own users into the dataset rows of step 3 (:class:`UserChunks`: Z_u of step 2 and the
-   seen candidates), one object per chunk, left in the object store. The driver holds C x d
+   seen candidates), in objects of >= 256 KiB (``CHUNK_OBJECT_MIN_BYTES``: smaller task
+   returns would be handed to the driver inline), left in the object store. The driver holds C x d
    tables and the candidates' clip side -- nothing per user, never the graph or the C x F clip
    features.
 
@@ -101,6 +102,10 @@ COMPILED_TILE = (128, 64)  # (users, clips) of the compiled kernel's fixed tile 
 # (5-60 s) with the eager kernel (~1e9 tile elements/s on one core: 2e11 is ~3 min)
 AUTO_COMPILE_MIN_ELEMENTS = 2e11
 KERNELS = ("auto", "eager", "compiled")
+# the shard tasks yield chunk rows in objects of at least this size: Ray returns a task's smaller
+# objects inline to their owner, the driver (max_direct_call_object_size, 100 KiB), instead of
+# keeping them in the object store
+CHUNK_OBJECT_MIN_BYTES = 256 * 1024
 
 
 class ScoreError(RuntimeError):
@@ -326,7 +331,7 @@ class ScoringInputs:
 
     clip_side: ClipSide  # T_c of every candidate, w, beta
     video_ids: pa.Array  # (V,) string, the candidates in global video order
-    user_chunks: list[Any]  # ObjectRefs of one-row CHUNK_SCHEMA tables, one per chunk to score
+    user_chunks: list[Any]  # ObjectRefs of CHUNK_SCHEMA tables: the chunks still to score
     identity: dict[str, Any]  # what makes two result sets comparable (module docstring)
     n_users: int  # M, users of the graph
     cold_users: int  # users without any training interaction (H_u = 0)
@@ -446,7 +451,8 @@ class UserChunks:
             seen = (users.train_rows[keep], position[keep])
         ids = users.manifest["user_ids"]
         yield from chunk_tables([ids[r] for r in users.user_rows], z_u.numpy(), seen,
-                                self.users_per_chunk, self.first_chunk[users.index], self.todo)
+                                self.users_per_chunk, self.first_chunk[users.index], self.todo,
+                                min_bytes=CHUNK_OBJECT_MIN_BYTES)
 
 
 @torch.inference_mode()
@@ -476,7 +482,7 @@ def prepare_scoring(cfg: Config, store: Store, plan: ScoringPlan | None = None,
         if not torch.isfinite(getattr(clip_side, name)).all():
             raise ScoreError(f"run {cfg.train.run_name}: non-finite values in the fused "
                              f"{name} (diverged weights?)")
-    refs = [ref for shard in whole.user_refs for ref in shard]  # one per chunk to score
+    refs = [ref for shard in whole.user_refs for ref in shard]  # the chunks to score
     video_ids = pa.array(whole.manifest["video_ids"], pa.string())
     return ScoringInputs(clip_side, pc.take(video_ids, pa.array(candidates)), refs,
                          plan.identity, n_users=whole.manifest["n_users"],
@@ -503,29 +509,40 @@ PART_SCHEMA = pa.schema([
 
 def chunk_tables(user_ids: list[str], z_u: np.ndarray,
                  seen: tuple[np.ndarray, np.ndarray] | None, users_per_chunk: int,
-                 first_chunk: int = 0, todo: np.ndarray | None = None) -> Iterator[pa.Table]:
-    """Dataset rows (CHUNK_SCHEMA) of consecutive users, one table of one row per chunk: chunk
-    ``first_chunk + b`` holds users b * U .. (b + 1) * U - 1; only the chunks in ``todo``
-    (default: all).
+                 first_chunk: int = 0, todo: np.ndarray | None = None,
+                 min_bytes: int = 0) -> Iterator[pa.Table]:
+    """Dataset rows (CHUNK_SCHEMA) of consecutive users: chunk ``first_chunk + b`` holds users
+    b * U .. (b + 1) * U - 1; only the chunks in ``todo`` (default: all).
 
     ``z_u`` (n, G) their Z_u rows; ``seen`` = (row, candidate position) of the pairs to exclude.
+    Yields tables of consecutive chunk rows, each of at least ``min_bytes`` (0: one row each)
+    except the last.
     """
     rows = positions = np.zeros(0, np.int64)
     if seen is not None:
         order = np.lexsort((seen[1], seen[0]))  # by row: each chunk's pairs are one slice
         rows, positions = seen[0][order].astype(np.int64), seen[1][order].astype(np.int64)
     wanted = None if todo is None else set(np.asarray(todo).tolist())
+    group: list[dict[str, Any]] = []
+    size = 0
     for b in range(-(-len(user_ids) // users_per_chunk)):  # one iteration per chunk
         chunk = first_chunk + b
         if wanted is not None and chunk not in wanted:
             continue
         first, stop = b * users_per_chunk, min((b + 1) * users_per_chunk, len(user_ids))
         lo, hi = np.searchsorted(rows, [first, stop])
-        yield pa.Table.from_pylist([{
-            "chunk": chunk, "user_ids": user_ids[first:stop],
-            "user_table": np.ascontiguousarray(z_u[first:stop], np.float32).tobytes(),
-            "seen_rows": (rows[lo:hi] - first).tobytes(),
-            "seen_positions": positions[lo:hi].tobytes()}], schema=CHUNK_SCHEMA)
+        row = {"chunk": chunk, "user_ids": user_ids[first:stop],
+               "user_table": np.ascontiguousarray(z_u[first:stop], np.float32).tobytes(),
+               "seen_rows": (rows[lo:hi] - first).tobytes(),
+               "seen_positions": positions[lo:hi].tobytes()}
+        group.append(row)
+        size += (len(row["user_table"]) + 2 * len(row["seen_rows"])
+                 + sum(len(u) + 4 for u in row["user_ids"]))
+        if size >= min_bytes:
+            yield pa.Table.from_pylist(group, schema=CHUNK_SCHEMA)
+            group, size = [], 0
+    if group:
+        yield pa.Table.from_pylist(group, schema=CHUNK_SCHEMA)
 
 
 def top_k_table(user_ids: pa.Array, values: np.ndarray, positions: np.ndarray,
@@ -649,7 +666,7 @@ def run_scoring(cfg: Config, store: Store, *, inputs: ScoringInputs | None = Non
 
     Settings from ``cfg.score``: ``kernel`` ("auto", "eager" or "compiled",
     :class:`FusedScorer`), ``videos_per_block``, ``actors`` (the actor pool; 0: one per GPU, else
-    one per CPU; never more than chunks to score). ``inputs`` (benchmarks) skips the
+    one per CPU; never more than objects of chunk rows). ``inputs`` (benchmarks) skips the
     propagation and uses these tables and this identity instead.
     """
     s = cfg.score
@@ -688,7 +705,7 @@ def run_scoring(cfg: Config, store: Store, *, inputs: ScoringInputs | None = Non
     resources = ray.cluster_resources()
     actors = s.actors or (int(resources.get("GPU", 0)) if use_gpu
                           else int(resources.get("CPU", 1)))
-    n_actors = max(1, min(actors, len(todo)))
+    n_actors = max(1, min(actors, len(inputs.user_chunks)))  # one object: one actor's work
     used_kernel = resolve_kernel(s.kernel, use_gpu, inputs, n_actors)
     t = inputs.clip_side
     clip_side = {"ref": ray.put({

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from feature_store.store import Store
-from frame_dist.config import Config, ConfigError, from_dict
+from frame_dist.config import Config, ConfigError, EvaluateConfig, from_dict
 from frame_dist.distributed import DistributedPropagation
 from frame_dist.metrics import all_metrics
 from frame_dist.model import FRAME
@@ -193,7 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - start
         if world > 1:
             dist.all_reduce(loss_sum)
-        valid = evaluate_split(model, data, "valid", cfg.evaluate.ks, autocast)
+        valid = evaluate_split(model, data, "valid", cfg.evaluate, autocast)
         entry = {"epoch": epoch,  # loss per interaction, as the single-process trainer's
                  "loss": float(loss_sum) / max(seen, 1),
                  "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
@@ -218,7 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # --- final: best weights on the test split
     model.load_state_dict(best_state)
-    test = evaluate_split(model, data, "test", cfg.evaluate.ks, autocast)
+    test = evaluate_split(model, data, "test", cfg.evaluate, autocast)
     if rank == 0:
         write_outputs(cfg, store, model, state, test, state["fingerprint"])
     ray.train.report({"test_" + k: v for k, v in test.items()} |
@@ -233,8 +233,10 @@ def _optimizer_state_bytes(engine: Any) -> int:
 
 
 @torch.no_grad()
-def evaluate_split(model: FRAME, data: WorkerData, split: str, ks, autocast) -> dict[str, float]:
-    """Metrics of ``split`` over every worker's users (each worker scores its own rows)."""
+def evaluate_split(model: FRAME, data: WorkerData, split: str, settings: EvaluateConfig,
+                   autocast) -> dict[str, float]:
+    """Metrics of ``split`` over every worker's users (each worker scores its own rows, one
+    propagation, then ``settings.batch_size`` pairs at a time)."""
     users, videos, labels = data.eval_sets[split]
     device = data.global_clip_ids.device
     was_training = model.training
@@ -242,7 +244,8 @@ def evaluate_split(model: FRAME, data: WorkerData, split: str, ks, autocast) -> 
     with autocast:
         logits = model.score_pairs(data.clip_features, data.graph,
                                    torch.as_tensor(users, device=device),
-                                   torch.as_tensor(videos, device=device))
+                                   torch.as_tensor(videos, device=device),
+                                   batch_size=settings.batch_size)
     model.train(was_training)
     mine = (data.user_rows[users], labels, logits.float().cpu().numpy())
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -253,7 +256,7 @@ def evaluate_split(model: FRAME, data: WorkerData, split: str, ks, autocast) -> 
     u, y, s = (np.concatenate([g[i] for g in gathered]) for i in range(3))
     if len(y) == 0 or y.min() == y.max():
         return {}  # nothing to rank (tiny data): early stopping then keeps the first epoch
-    return all_metrics(u, y, s, ks)
+    return all_metrics(u, y, s, settings.ks)
 
 
 def write_outputs(cfg: Config, store: Store, model: FRAME, state: dict[str, Any],

@@ -114,6 +114,9 @@ def test_forward_matches_dense_reference(data, use_negative, enhance, use_visual
     video_ref = clip_ref.mean(1)  # eq. 13
     pairs = model.score_pairs(x, pg, data["users"], data["videos"])
     torch.testing.assert_close(pairs.double(), video_ref, atol=1e-5, rtol=1e-5)
+    assert len(data["users"]) > 3  # batches of 3 pairs: several, the last one partial
+    batched = model.score_pairs(x, pg, data["users"], data["videos"], batch_size=3)
+    torch.testing.assert_close(batched, pairs, atol=1e-6, rtol=0)
     full = model.video_scores(data["users"], data["videos"], h_c, h_u_pos, h_u_neg, N_C)
     torch.testing.assert_close(full.double(), video_ref, atol=1e-5, rtol=1e-5)
 

@@ -273,6 +273,14 @@ def test_chunk_table_cuts_users_and_their_seen_pairs() -> None:
     tables = chunk_tables(ids, z_u, None, 3, first_chunk=10, todo=np.array([12, 10, 99]))
     assert [t["chunk"][0].as_py() for t in tables] == [10, 12]
     assert not list(chunk_tables(ids, z_u, None, 3, 10, todo=np.array([], np.int64)))
+    # objects of at least min_bytes (Ray returns smaller ones inline to the driver): chunks 10
+    # and 11 count 3 x 3 x 4 B of Z_u + 3 ids x (2 + 4) B + 2 seen pairs x 16 B = 86 B each,
+    # so 100 B gives runs of two chunks
+    grouped = list(chunk_tables(ids, z_u, seen, 3, first_chunk=10, min_bytes=100))
+    assert [t["chunk"].to_pylist() for t in grouped] == [[10, 11], [12]]
+    assert pa.concat_tables(grouped).equals(pa.concat_tables(tables_all := list(
+        chunk_tables(ids, z_u, seen, 3, first_chunk=10))))
+    assert len(tables_all) == 3
 
 
 # --------------------------------------------------------------------------- the job (Ray)
@@ -329,7 +337,7 @@ def test_driver_receives_the_clip_side_only(world, ray_local) -> None:
     d = 16
     clips = [s["videos"] * 4 for s in manifest["shards"]]
     assert inputs.bytes_from_tasks == sum(c * 8 + 3 * c * d * 4 for c in clips)
-    assert len(inputs.user_chunks) == 4  # one object per chunk still to score
+    assert len(inputs.user_chunks) == 2  # tiny chunks: one object per shard, >= 256 KiB or all
     assert all(isinstance(r, ray.ObjectRef) for r in inputs.user_chunks)
     assert inputs.n_users == 24 and inputs.cold_users == len(COLD) and inputs.n_chunks == 6
     rows = pa.concat_tables(ray.get(inputs.user_chunks)).to_pylist()

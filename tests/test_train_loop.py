@@ -172,9 +172,11 @@ def test_trainable_clip_features_zero2_equal_single_process(ray_local, store_cfg
     per_worker = m2["history"][0]["optimizer_state_bytes"]
     assert 0.45 * 8 * n_params <= per_worker <= 0.55 * 8 * n_params + 64
     # the evaluate stage rebuilds the model, table included, from model.pt alone
-    from frame_dist.evaluate import evaluate_run
+    from frame_dist.evaluate import evaluate_run, load_test_split
 
-    result = evaluate_run(run_cfg, store)
+    test = load_test_split(store, "table-zero2")
+    assert test.data.clip_features is None  # the model owns its table: no (C, F) read
+    result = evaluate_run(run_cfg, store, test)
     assert result["model"]["auc"] == pytest.approx(m2["test"]["auc"], abs=1e-5)
 
 
