@@ -67,8 +67,11 @@ def ray_local(aws_test_env) -> Iterator[object]:
     import ray
 
     saved = os.environ.pop("RAY_ADDRESS", None)
+    from frame_dist.ray_runtime import use_local_ray_env
+
     if ray.is_initialized():
         ray.shutdown()
+    use_local_ray_env()  # Ray Train polls its workers every 0.25 s, not 2 s
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=512 * 2**20, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

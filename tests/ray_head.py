@@ -34,6 +34,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from frame_dist.ray_runtime import use_local_ray_env
+
 MARKER_ENV = "FRAME_DIST_TEST_RAY_HEAD"  # set in the head's environment; identifies its processes
 # Variables of an outer Ray or an outer token that must not leak into this head or its clients.
 SCRUBBED_ENV = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
@@ -228,6 +230,7 @@ def start_ray_head(base: str | Path, *, num_cpus: int = 2, object_store_mb: int 
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         MARKER_ENV: marker,
     })
+    use_local_ray_env(env)  # Ray Train polls its workers every 0.25 s, not 2 s
     gcs, dashboard = free_port(), free_port()
     workers = free_port_window(200)
     args = [

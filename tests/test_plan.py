@@ -158,7 +158,8 @@ def test_plan_terms_by_hand(hand_store):
         "step: pair MLPs": 2 * 4 * (5 * 2 * 8 + 5 * 4) * 4,
         "step: sparse workspace": 17 * 11 + 48 * 11 * local / 8,
         # 2 test pairs x (N_c (d + 2 hidden) + 2 d) x 4 B + (2 C_w + 2 x 2 M_w + 7 x 8 clips) d 4 B
-        "evaluation (whole split)": 2 * (4 * (4 + 2 * 8) + 2 * 4) * 4 + (16 + 12 + 56) * 4 * 4,
+        # 2 test pairs (fewer than evaluate.batch_size) + 16 B each + the embeddings
+        "evaluation": 2 * (4 * (4 + 2 * 8) + 2 * 4) * 4 + 2 * 16 + (16 + 12 + 56) * 4 * 4,
     }
     got = {t.name: t.nbytes for t in plan.terms}
     assert got.keys() == expected.keys()
