@@ -477,6 +477,32 @@ def test_killed_driver_resumes_to_the_clean_result(world, clean_run, ray_local, 
     assert table.metadata()["identity"] == world[1].table(SCORES_TABLE).metadata()["identity"]
 
 
+@pytest.mark.slow
+def test_scores_on_an_s3_store(world, clean_run, ray_local, s3_server) -> None:
+    """The job on an S3-compatible store: shard tasks read the graph and the features there,
+    actors write their parts there, the driver commits; the same lists as on local disk."""
+    _, store, overrides, _ = world
+    bucket = s3_server.bucket()
+    local = Path(store.path())
+    for path in sorted(local.rglob("*")):  # the store without its scores table
+        rel = path.relative_to(local).as_posix()
+        if path.is_file() and not rel.startswith(f"tables/{SCORES_TABLE}"):
+            s3_server.client.put_object(Bucket=bucket, Key=f"store/{rel}",
+                                        Body=path.read_bytes())
+    remote = [*overrides, f"store.root=s3://{bucket}/store",
+              f"store.endpoint_url={s3_server.endpoint_url}"]
+    assert score_job.main(remote) == 0
+    cfg = load_config(None, remote)
+    got = read_scores(Store.from_config(cfg.store))
+    clean = clean_run[1]
+    assert got.select(["user_id", "rank", "video_id"]).equals(
+        clean.select(["user_id", "rank", "video_id"]))
+    np.testing.assert_allclose(got["score"].to_numpy(), clean["score"].to_numpy(), atol=1e-6)
+    objects = s3_server.objects(bucket)
+    parts = [k for k in objects if k.startswith(f"store/tables/{SCORES_TABLE}/parts/")]
+    assert len(parts) == 6 and not [k for k in objects if ".tmp-" in k]
+
+
 # --------------------------------------------------------------------------- settings
 
 
