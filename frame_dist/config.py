@@ -160,7 +160,7 @@ class ScoreConfig:
     kernel: Literal["auto", "eager", "compiled"] = "auto"
     videos_per_block: int = 4096  # videos scored between two top-k merges (U x block scores)
     actors: int = 0  # scoring actors (0: one per GPU, else one per CPU; never > chunks to score)
-    shard_task_cpus: float = 1.0  # CPUs reserved by each shard's embedding task (n_shards > 1)
+    shard_task_cpus: float = 1.0  # CPUs reserved by each shard's embedding task
 
 
 @dataclass
