@@ -23,7 +23,7 @@ user's training interactions.
     ReLU(S^n W_n^(2))).
 
   A task's memory is its shard: R~_k rows, C_k x F clip features and C_k x d tables (plus the
-  model and the graph manifest, which lists every id). It sends the driver (C_k x d) x 3
+  model and the graph manifest, which lists every video id). It sends the driver (C_k x d) x 3
   floats (H_c^(0) and both partial sums; 2 without the negative graph, H_c^(0) left out when
   the model owns its clip table) and C_k ids. The driver holds C x d tables (H_c^(0), S^p,
   S^n, H_c) and one task's clip side at a time -- nothing per user; it computes H_c^(0)
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor
 
@@ -87,7 +88,8 @@ class ShardUsers:
     h_u_neg: Tensor | None  # (M_k, d)
     train_rows: np.ndarray  # (n_k,) row (0..M_k-1) of every training interaction
     train_videos: np.ndarray  # (n_k,) its global video
-    manifest: dict[str, Any]  # the graph manifest (every user and video id)
+    user_ids: pa.Array  # (M_k,) string id of each row
+    manifest: dict[str, Any]  # the graph manifest
 
 
 @dataclass
@@ -192,7 +194,8 @@ def shard_task(saved: dict[str, Any], store: Store, n_clips: int, index: int,
     del features, graph, recorded, h_c0
     yield from user_side(model, ShardUsers(index, shard.user_rows, h_u_pos, h_u_neg,
                                            shard.train["user"],
-                                           shard.video_ids[shard.train["video"]], manifest))
+                                           shard.video_ids[shard.train["video"]],
+                                           shard.user_ids, manifest))
 
 
 @torch.inference_mode()

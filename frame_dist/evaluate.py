@@ -71,7 +71,7 @@ def split_pairs(store: Store, data: WorkerData, manifest: dict[str, Any], split:
     table = store.table("interactions").read()
     table = table.filter(pc.equal(table["split"], split))
     table = table.filter(pc.is_in(table["video_id"], pa.array(manifest["video_ids"])))
-    users = IdMap(manifest["user_ids"], name="user_id")
+    users = IdMap(data.user_ids, name="user_id")  # the graph's user id map
     videos = IdMap(manifest["video_ids"], name="video_id")
     enc = encode_interactions(table, users, videos, split=None, where=f"interactions[{split}]")
     local_user = np.full(len(users), -1, dtype=np.int64)

@@ -18,9 +18,14 @@ sorted by weight, dealt in snake order 0..P-1, P-1..0, ... (vectorised, within o
 of the greedy optimum in practice).
 
 Storage, under ``<store>/graphs/nc=<N_c>/``: one Parquet file per shard and table with a unique
-name, then ``_manifest.json`` written last (the commit): it lists the files and carries the
-metadata the training stage sizes itself from (user and video id maps, counts, fingerprint).
-A rerun with the same inputs and settings is skipped; a killed run leaves the previous commit.
+name (a shard's ``users`` file holds its users' global rows and ids), the user id map (row i =
+user i) as one Parquet file, then ``_manifest.json`` written last (the commit): it lists the
+files and carries the metadata the training stage sizes itself from (the video id map, counts,
+fingerprint). User ids are never in the manifest: every worker and task reads the manifest, and
+a JSON list of every user id costs each of them O(users) Python strings; a shard's readers get
+its users' ids from its own file (:attr:`Shard.user_ids`), whole-graph readers from
+:func:`read_graph_user_ids`. A rerun with the same inputs and settings is skipped; a killed run
+leaves the previous commit.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from frame_dist.config import Config
 from frame_dist.graph import IdMap, build_graph, clip_labels, encode_interactions
 
 SPLITS = ("train", "valid", "test")
+LAYOUT = 2  # 2: user ids in Parquet (shard users files, the user id map), not in the manifest
 
 
 class PartitionError(ValueError):
@@ -72,6 +78,7 @@ class Shard:
     train: dict[str, np.ndarray]  # order (global training position), user, video, watched
     valid: dict[str, np.ndarray]  # user, video, label (local indices)
     test: dict[str, np.ndarray]
+    user_ids: pa.Array | None = None  # (M_s,) string id of each local row
 
     @property
     def n_users(self) -> int:
@@ -97,6 +104,7 @@ def graph_fingerprint(cfg: Config, store: Store) -> str:
         "encoder": stored_identity(store),
         "graph": dataclasses.asdict(cfg.graph),
         "grid": cfg.extract.grid_size,
+        "layout": LAYOUT,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -104,6 +112,30 @@ def graph_fingerprint(cfg: Config, store: Store) -> str:
 def read_graph_manifest(store: Store, n_clips: int) -> dict[str, Any] | None:
     path = posixpath.join(graph_dir(n_clips), "_manifest.json")
     return store.read_json(path) if store.exists(path) else None
+
+
+def _check_layout(manifest: dict[str, Any]) -> None:
+    if manifest.get("layout") != LAYOUT:
+        raise PartitionError(f"the graph for N_c={manifest['n_clips']} was built by an older "
+                             "frame-dist (its user ids are not in Parquet files): run the graph "
+                             "stage again (python -m jobs.graph ...)")
+
+
+def read_graph_user_ids(store: Store, manifest: dict[str, Any]) -> pa.Array:
+    """The graph's user id map: (M,) string, row i = user i (global user index i)."""
+    _check_layout(manifest)
+    gdir = graph_dir(manifest["n_clips"])
+    path = store.path(gdir, manifest["user_ids_file"])
+    try:
+        ids = pq.read_table(path, filesystem=store.fs)["user_id"]
+    except (FileNotFoundError, OSError) as exc:
+        raise PartitionError(f"the user id map of the graph for N_c={manifest['n_clips']} is "
+                             f"missing or unreadable: {store.uri(gdir, manifest['user_ids_file'])}"
+                             f": {exc}") from exc
+    if len(ids) != manifest["n_users"]:
+        raise PartitionError(f"the user id map of the graph for N_c={manifest['n_clips']} has "
+                             f"{len(ids)} rows, the manifest {manifest['n_users']} users")
+    return ids.combine_chunks()
 
 
 def build_shards(cfg: Config, store: Store) -> dict[str, Any]:
@@ -150,14 +182,18 @@ def build_shards(cfg: Config, store: Store) -> dict[str, Any]:
     shard_stats = []
     for k in range(n_shards):  # one iteration per shard, vectorised inside
         shard = _make_shard(k, shard_of_user, graph, every, split, watched, train_position,
-                            n_clips)
+                            n_clips, users.ids)
         names = _write_shard(store, gdir, shard)
         files.append(names)
         shard_stats.append(dict(users=shard.n_users, videos=len(shard.video_ids),
                                 nnz_pos=int(shard.pos.nnz), nnz_neg=int(shard.neg.nnz),
                                 train=len(shard.train["order"]), valid=len(shard.valid["user"]),
                                 test=len(shard.test["user"])))
+    user_ids_file = f"users-{uuid.uuid4().hex[:12]}.parquet"
+    pq.write_table(pa.table({"user_id": users.ids}), store.path(gdir, user_ids_file),
+                   filesystem=store.fs)
     manifest = {
+        "layout": LAYOUT,
         "n_clips": n_clips,
         "n_shards": n_shards,
         "positives": cfg.graph.positives,
@@ -167,7 +203,7 @@ def build_shards(cfg: Config, store: Store) -> dict[str, Any]:
         "nnz_pos": int(graph.pos.nnz),
         "nnz_neg": int(graph.neg.nnz),
         "dropped_no_features": dropped,
-        "user_ids": users.ids.to_pylist(),
+        "user_ids_file": user_ids_file,  # the user id map (read_graph_user_ids)
         "video_ids": videos.ids.to_pylist(),
         "shards": shard_stats,
         "files": files,
@@ -181,7 +217,8 @@ def build_shards(cfg: Config, store: Store) -> dict[str, Any]:
 
 
 def _make_shard(k: int, shard_of_user: np.ndarray, graph, every, split: np.ndarray,
-                watched: np.ndarray, train_position: np.ndarray, n_clips: int) -> Shard:
+                watched: np.ndarray, train_position: np.ndarray, n_clips: int,
+                user_ids: pa.Array) -> Shard:
     rows = np.flatnonzero(shard_of_user == k)  # (M_s,) global users of this shard
     mine = np.isin(every.user_idx, rows)  # interactions of this shard's users
     videos = np.unique(every.video_idx[mine])  # (V_s,) sorted global video indices
@@ -200,7 +237,8 @@ def _make_shard(k: int, shard_of_user: np.ndarray, graph, every, split: np.ndarr
                 "watched": watched[mine][m], "order": train_position[mine][m]}
 
     train = rows_of("train")
-    return Shard(k, rows, videos, pos, neg, train, rows_of("valid"), rows_of("test"))
+    return Shard(k, rows, videos, pos, neg, train, rows_of("valid"), rows_of("test"),
+                 user_ids=pc.take(user_ids, pa.array(rows)))
 
 
 def _csr_table(m: sp.csr_matrix) -> pa.Table:
@@ -213,7 +251,8 @@ def _write_shard(store: Store, gdir: str, shard: Shard) -> dict[str, str]:
     """Write one shard's Parquet files under unique names; return {table: file name}."""
     tag = uuid.uuid4().hex[:12]
     tables = {
-        "users": pa.table({"user_row": pa.array(shard.user_rows, pa.int64())}),
+        "users": pa.table({"user_row": pa.array(shard.user_rows, pa.int64()),
+                           "user_id": shard.user_ids}),
         "videos": pa.table({"video": pa.array(shard.video_ids, pa.int64())}),
         "pos": _csr_table(shard.pos),
         "neg": _csr_table(shard.neg),
@@ -260,6 +299,7 @@ def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, 
     if manifest is None:
         raise PartitionError(f"no committed graph for N_c={n_clips} in "
                              f"{store.uri(graph_dir(n_clips))}: run the graph stage first")
+    _check_layout(manifest)
     bad = [k for k in indices if not 0 <= k < manifest["n_shards"]]
     if bad:
         raise PartitionError(f"shards {bad} do not exist: the graph for N_c={n_clips} has "
@@ -279,7 +319,7 @@ def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, 
         parts.append({name: read(k, name) for name in
                       ("users", "videos", "pos", "neg", *SPLITS)})
     videos = np.unique(np.concatenate([p["videos"]["video"].to_numpy() for p in parts]))
-    user_rows, pos_blocks, neg_blocks = [], [], []
+    user_rows, user_ids, pos_blocks, neg_blocks = [], [], [], []
     splits: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in SPLITS}
     offset = 0
     for p in parts:
@@ -287,6 +327,7 @@ def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, 
         remap = np.searchsorted(videos, local_videos)  # shard-local video -> merged video
         n_users = p["users"].num_rows
         user_rows.append(p["users"]["user_row"].to_numpy())
+        user_ids.append(p["users"]["user_id"])
         for key, blocks in (("pos", pos_blocks), ("neg", neg_blocks)):
             t = p[key]
             col = t["col"].to_numpy().astype(np.int64)
@@ -306,7 +347,9 @@ def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, 
     shard = Shard(indices[0] if len(indices) == 1 else -1, np.concatenate(user_rows), videos,
                   sp.vstack(pos_blocks).tocsr().astype(np.float32),
                   sp.vstack(neg_blocks).tocsr().astype(np.float32),
-                  merged["train"], merged["valid"], merged["test"])
+                  merged["train"], merged["valid"], merged["test"],
+                  user_ids=pa.chunked_array(
+                      [c for ids in user_ids for c in ids.chunks], pa.string()).combine_chunks())
     return shard, manifest
 
 
@@ -342,8 +385,13 @@ def load_whole_graph(store: Store, n_clips: int) -> tuple[Shard, dict[str, Any]]
         return part | {"user": merged.user_rows[part["user"]],
                        "video": merged.video_ids[part["video"]]}
 
+    user_ids = read_graph_user_ids(store, manifest)
+    if not pc.take(user_ids, pa.array(merged.user_rows)).equals(merged.user_ids):
+        raise PartitionError(f"graph N_c={n_clips}: its shards' user ids disagree with its user "
+                             "id map")
     whole = Shard(-1, np.arange(n_users), np.arange(n_videos), to_global(merged.pos),
-                  to_global(merged.neg), *(split_to_global(getattr(merged, s)) for s in SPLITS))
+                  to_global(merged.neg), *(split_to_global(getattr(merged, s)) for s in SPLITS),
+                  user_ids=user_ids)
     return whole, manifest
 
 

@@ -449,8 +449,7 @@ class UserChunks:
             position = self.candidate_of_video[users.train_videos]  # (n_k,)
             keep = position >= 0
             seen = (users.train_rows[keep], position[keep])
-        ids = users.manifest["user_ids"]
-        yield from chunk_tables([ids[r] for r in users.user_rows], z_u.numpy(), seen,
+        yield from chunk_tables(users.user_ids.to_pylist(), z_u.numpy(), seen,
                                 self.users_per_chunk, self.first_chunk[users.index], self.todo,
                                 min_bytes=CHUNK_OBJECT_MIN_BYTES)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor
 
@@ -44,6 +45,7 @@ class WorkerData:
     local_of_global: np.ndarray  # (N_train_global,) local train row of a global position or -1
     n_train_global: int
     eval_sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # split -> users, videos, y
+    user_ids: pa.Array | None = None  # (M_local,) string id of each local row
 
     @classmethod
     def from_shard(cls, shard: Shard, n_clips: int, n_train_global: int,
@@ -69,6 +71,7 @@ class WorkerData:
             eval_sets={s: (getattr(shard, s)["user"], getattr(shard, s)["video"],
                            getattr(shard, s)["label"].astype(np.int64))
                        for s in ("valid", "test")},
+            user_ids=shard.user_ids,
         )
 
     def to(self, device: torch.device | str) -> WorkerData:

@@ -10,7 +10,6 @@ two agree within bf16's rounding.
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -93,9 +92,10 @@ def _single_process(batch_positions, mode, precision="fp32"):
     return float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-def _worker(rank, world, port, batch_positions, out_dir, mode, precision):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, batch_positions, out_dir, mode, precision):
+    # a file rendezvous: no port picked in advance that another process could take meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                            world_size=world)
     try:
         from frame_dist.distributed import DistributedPropagation
 
@@ -129,12 +129,6 @@ def _worker(rank, world, port, batch_positions, out_dir, mode, precision):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("batch,mode,precision", [
     (np.arange(0, 240, 3), "visual", "fp32"),
     (np.arange(240), "visual", "fp32"),
@@ -144,7 +138,7 @@ def _free_port() -> int:
 ])
 def test_two_workers_equal_one_process(tmp_path, batch, mode, precision):
     expected_loss, expected_grads = _single_process(batch, mode, precision)
-    mp.spawn(_worker, args=(2, _free_port(), batch.tolist(), str(tmp_path), mode, precision),
+    mp.spawn(_worker, args=(2, batch.tolist(), str(tmp_path), mode, precision),
              nprocs=2)
     got = torch.load(tmp_path / "result.pt", weights_only=True)
     tol = 1e-5 if precision == "fp32" else 2e-2  # bf16: 8 mantissa bits, sums in another order

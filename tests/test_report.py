@@ -132,7 +132,7 @@ def test_case_study_skip_clip_and_scores(evaluated):
     model.load_state_dict(saved["state_dict"])
     model.eval()
     data, manifest = whole_graph(store, n_clips)
-    user = int(np.flatnonzero(data.user_rows == manifest["user_ids"].index(case["user_id"]))[0])
+    user = data.user_ids.to_pylist().index(case["user_id"])  # whole graph: row = user
     video = int(np.flatnonzero(data.video_ids == manifest["video_ids"].index(case["video_id"]))[0])
     with torch.no_grad():
         h_c, h_u_pos, h_u_neg = model.embeddings(data.clip_features, data.graph)

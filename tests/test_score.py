@@ -51,6 +51,7 @@ from frame_dist.partition import (
     load_clip_features,
     load_shards,
     read_graph_manifest,
+    read_graph_user_ids,
 )
 from frame_dist.scoring import (
     CHUNK_SCHEMA,
@@ -125,7 +126,8 @@ def reference(world):
     videos = torch.arange(n).repeat(m)
     with torch.no_grad():
         logits = model.score_pairs(data.clip_features, data.graph, users, videos).view(m, n)
-    user_ids = [manifest["user_ids"][u] for u in shard.user_rows]
+    user_ids = shard.user_ids.to_pylist()  # the shards' own id column
+    assert user_ids == [read_graph_user_ids(store, manifest)[u].as_py() for u in shard.user_rows]
     video_ids = [manifest["video_ids"][v] for v in shard.video_ids]
     scores = {(user_ids[i], video_ids[j]): float(logits[i, j]) for i in range(m)
               for j in range(n)}
@@ -348,7 +350,7 @@ def test_driver_receives_the_clip_side_only(world, ray_local) -> None:
     tables = fuse_tables(model, single.h_c, single.h_u_pos, single.h_u_neg, 4)
     torch.testing.assert_close(inputs.clip_side.clip_thresholds, tables.clip_thresholds,
                                atol=TOL, rtol=0)
-    row_of = {u: i for i, u in enumerate(manifest["user_ids"])}
+    row_of = {u: i for i, u in enumerate(read_graph_user_ids(store, manifest).to_pylist())}
     seen = {(int(u), int(v)) for u, v in zip(single.train_users, single.train_videos)}
     for r in rows:
         users = [row_of[u] for u in r["user_ids"]]
@@ -636,7 +638,7 @@ def test_job_over_three_shards_ranks_as_the_forward(three_shards, ray_local, cap
     videos = torch.arange(n_videos).repeat(n_users)
     with torch.no_grad():
         logits = model.score_pairs(data.clip_features, data.graph, users, videos)
-    user_ids, video_ids = manifest["user_ids"], manifest["video_ids"]
+    user_ids, video_ids = data.user_ids.to_pylist(), manifest["video_ids"]
     scores = {(user_ids[u], video_ids[v]): float(s)
               for u, v, s in zip(users.tolist(), videos.tolist(), logits.tolist())}
     seen = {(user_ids[u], video_ids[v]) for u, v in zip(data.train_users.tolist(),

@@ -230,6 +230,41 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, store_cfg, two_worker_
         _run(overrides, **{"train.workers": 2, "train.run_name": name, "train.lr": 0.01})
 
 
+def test_graph_user_ids_live_in_parquet_not_the_manifest(store_cfg, tmp_path):
+    """Every worker reads the manifest: it lists no user id. The user id map and each shard's
+    users' ids are Parquet columns; a graph of the older layout is refused, then rebuilt."""
+    import json
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from frame_dist.partition import graph_dir, read_graph_manifest, read_graph_user_ids
+
+    cfg, store, _ = store_cfg
+    manifest = read_graph_manifest(store, 4)
+    assert "user_ids" not in manifest and manifest["layout"] == 2
+    ids = read_graph_user_ids(store, manifest)
+    interactions = store.table("interactions").read()
+    assert ids.to_pylist() == sorted(set(interactions["user_id"].to_pylist()))  # sorted map
+    for k in range(manifest["n_shards"]):
+        shard, _ = load_shards(store, 4, [k])
+        assert shard.user_ids.equals(pc.take(ids, pa.array(shard.user_rows)))
+
+    root = tmp_path / "old"
+    shutil.copytree(store.path(), root)
+    old = Store(str(root))
+    path = root / graph_dir(4) / "_manifest.json"
+    legacy = {k: v for k, v in manifest.items() if k != "layout"}
+    path.write_text(json.dumps(legacy | {"fingerprint": "older", "user_ids": ids.to_pylist()}))
+    with pytest.raises(PartitionError, match="built by an older frame-dist .* run the graph "
+                                             "stage again"):
+        load_shards(old, 4, [0])
+    rebuilt = build_shards(load_config(None, [*store_cfg[2], f"store.root={root}"]), old)
+    assert not rebuilt.get("skipped") and rebuilt["layout"] == 2
+    assert load_shards(old, 4, [0])[0].user_ids.equals(load_shards(store, 4, [0])[0].user_ids)
+
+
 def test_refused_before_training(store_cfg, tmp_path):
     cfg, store, overrides = store_cfg
     with pytest.raises(PartitionError, match=r"train.workers=3 exceeds the 2 shard\(s\)"):
