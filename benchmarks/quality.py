@@ -71,9 +71,8 @@ def frame_variant(cfg: Config, store: Store, n_clips: int, seed: int, epochs: in
 
 def data_shard_order(data) -> np.ndarray:
     """Global training position of each local training row (whole graph: one shard)."""
-    positions = np.flatnonzero(data.local_of_global >= 0)
-    order = np.empty(len(positions), dtype=np.int64)
-    order[data.local_of_global[positions]] = positions
+    order = np.empty(len(data.train_order), dtype=np.int64)
+    order[data.train_row_of_order] = data.train_order
     return order
 
 

@@ -536,11 +536,11 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
     if gpu:
         terms.append(Term("CUDA context", CUDA_CONTEXT_BYTES, "device", "constant (assumed)"))
     terms += [
-        Term("interaction rows", 82 * rows + 24 * share.train + 8 * (share.valid + share.test)
-             + 16 * stats.n_train, "host",
-             f"{rows:,.0f} rows x (33 B Parquet + 16 B merge + 33 B numpy) + 24 B x "
-             f"{share.train:,.0f} train (torch int64) + 16 B x {stats.n_train:,} "
-             "(local_of_global, epoch permutation)"),
+        Term("interaction rows", 82 * rows + 40 * share.train + 8 * (share.valid + share.test)
+             + 8 * stats.n_train, "host",
+             f"{rows:,.0f} rows x (33 B Parquet + 16 B merge + 33 B numpy) + 40 B x "
+             f"{share.train:,.0f} train (torch int64, sorted global positions) + 8 B x "
+             f"{stats.n_train:,} (the epoch permutation)"),
         Term("graph shard: Parquet read + merge", 60 * stored, "host",
              f"{stored:,.0f} edges x (12 B COO + 48 B CSR assembly, kept by the allocator)"),
         Term("graph shard: stored CSR", 8 * stored + 8 * (m_w + 1), "host",

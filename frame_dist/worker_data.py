@@ -42,7 +42,8 @@ class WorkerData:
     train_users: Tensor  # (n_local,) local rows
     train_videos: Tensor  # (n_local,) local videos
     train_watched: Tensor  # (n_local,) clip labels
-    local_of_global: np.ndarray  # (N_train_global,) local train row of a global position or -1
+    train_order: np.ndarray  # (n_local,) sorted global training positions of the local rows
+    train_row_of_order: np.ndarray  # (n_local,) local train row of each of them
     n_train_global: int
     eval_sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # split -> users, videos, y
     user_ids: pa.Array | None = None  # (M_local,) string id of each local row
@@ -55,8 +56,7 @@ class WorkerData:
                                  neg=adjacency(shard.neg) if with_negative else None,
                                  clips_per_video=n_clips,
                                  clip_ids=torch.from_numpy(clip_ids.astype(np.int64)))
-        local_of_global = np.full(n_train_global, -1, dtype=np.int64)
-        local_of_global[shard.train["order"]] = np.arange(len(shard.train["order"]))
+        sort = np.argsort(shard.train["order"], kind="stable")  # O(local rows), not O(N_train)
         t = shard.train
         return cls(
             graph=graph,
@@ -67,7 +67,8 @@ class WorkerData:
             train_users=torch.from_numpy(t["user"].astype(np.int64)),
             train_videos=torch.from_numpy(t["video"].astype(np.int64)),
             train_watched=torch.from_numpy(t["watched"].astype(np.int64)),
-            local_of_global=local_of_global, n_train_global=n_train_global,
+            train_order=np.asarray(shard.train["order"], dtype=np.int64)[sort],
+            train_row_of_order=sort.astype(np.int64), n_train_global=n_train_global,
             eval_sets={s: (getattr(shard, s)["user"], getattr(shard, s)["video"],
                            getattr(shard, s)["label"].astype(np.int64))
                        for s in ("valid", "test")},
@@ -87,8 +88,12 @@ class WorkerData:
     def local_batch(self, global_positions: np.ndarray, batch_size: int, world: int,
                     device: torch.device | str) -> InteractionBatch:
         """This worker's members of one global batch; the loss divides by B / W."""
-        local = self.local_of_global[global_positions]
-        local = torch.from_numpy(local[local >= 0]).to(self.train_users.device)
+        positions = np.asarray(global_positions, dtype=np.int64)
+        at = np.searchsorted(self.train_order, positions).clip(max=max(len(self.train_order) - 1,
+                                                                        0))
+        hit = (self.train_order[at] == positions) if len(self.train_order) else \
+            np.zeros(len(positions), bool)
+        local = torch.from_numpy(self.train_row_of_order[at[hit]]).to(self.train_users.device)
         return InteractionBatch(self.train_users[local].to(device),
                                 self.train_videos[local].to(device),
                                 self.train_watched[local].to(device),

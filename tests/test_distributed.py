@@ -167,6 +167,31 @@ def test_shard_rows_cover_the_graph_exactly():
     assert sorted(np.concatenate([s.user_rows for s in shards]).tolist()) == list(range(N_USERS))
 
 
+def test_local_batch_takes_each_workers_members_in_batch_order():
+    """Every position of a global batch lands on exactly one of the W workers, as that worker's
+    training row of that interaction, in the batch's order; the loss divides by B / W."""
+    users, videos, ratio, full, _ = _world()
+    _, _, shards = _shards(users, videos, ratio, full, 3)
+    data = [WorkerData.from_shard(s, N_C, len(users), None) for s in shards]
+    positions = np.random.default_rng(5).permutation(len(users))[:50]  # a global batch
+    got, taken = {}, 0
+    for w, (shard, d) in enumerate(zip(shards, data)):
+        assert len(d.train_order) == len(shard.train["order"])  # O(local rows), not O(N)
+        batch = d.local_batch(positions, 50, 3, "cpu")
+        assert batch.denominator == pytest.approx(50 / 3)
+        mine = [p for p in positions if p in set(shard.train["order"].tolist())]
+        row_of = {int(o): i for i, o in enumerate(shard.train["order"])}
+        expected_rows = [row_of[int(p)] for p in mine]  # in batch order
+        assert batch.users.tolist() == shard.train["user"][expected_rows].tolist()
+        assert batch.videos.tolist() == shard.train["video"][expected_rows].tolist()
+        got.update({int(p): w for p in mine})
+        taken = taken + len(batch.users)
+    assert sorted(got) == sorted(positions.tolist()) and taken == 50  # each on exactly one
+    empty = WorkerData.from_shard(shards[0], N_C, len(users), None)
+    empty.train_order, empty.train_row_of_order = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    assert len(empty.local_batch(positions, 50, 3, "cpu").users) == 0  # a worker without rows
+
+
 def test_partition_balances_edges():
     weights = np.random.default_rng(0).integers(1, 100, 1000)
     shard = partition_users(weights, 4)

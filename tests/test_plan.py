@@ -144,7 +144,7 @@ def test_plan_terms_by_hand(hand_store):
     local = 4 * ((1 - 0.6 ** 3) + (1 - 0.6 ** 2))  # each own row in the batch with p = 2 / 5
     expected = {
         "runtime baseline": WORKER_BASELINE_BYTES,
-        "interaction rows": 82 * 8 + 24 * 5 + 8 * 3 + 16 * 5,
+        "interaction rows": 82 * 8 + 40 * 5 + 8 * 3 + 8 * 5,
         "graph shard: Parquet read + merge": 60 * 11,
         "graph shard: stored CSR": 8 * 11 + 8 * (3 + 1),
         "graph shard: torch CSR R~, R~^T": 20 * 11 + 2 * 8 * (3 + 8 + 2),
