@@ -53,9 +53,9 @@ Printed: per M, the peak growth of both modes, the bytes the shard tasks sent th
 chunks and the wall time; then, between the smallest and the largest M, the slope of each mode
 in bytes per user, their ratio, and the analytic figure of the old design's per-user tables,
 M x (2d + G) x 4 bytes (H_u^p, H_u^n and Z_u in float32). The per-user slope of ``job`` is
-expected to be near zero: what it still holds per user is the graph manifest's id list (its
-JSON size per user is printed with the stores) and a few bytes per chunk (object references,
-Ray Data block metadata). Ray is shut down at the end, also after an error; the processes of
+expected to be near zero: what it still holds per user is a few bytes per chunk (object
+references, Ray Data block metadata); the graph manifest it reads lists video ids only (its
+JSON size per user is printed with the stores; it listed every user id before graph layout 2). Ray is shut down at the end, also after an error; the processes of
 its instance are looked for (by an environment marker, never by name) and any left over are
 reported.
 
