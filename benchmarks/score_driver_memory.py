@@ -55,9 +55,9 @@ in bytes per user, their ratio, and the analytic figure of the old design's per-
 M x (2d + G) x 4 bytes (H_u^p, H_u^n and Z_u in float32). The per-user slope of ``job`` is
 expected to be near zero: what it still holds per user is a few bytes per chunk (object
 references, Ray Data block metadata); the graph manifest it reads lists video ids only (its
-JSON size per user is printed with the stores; it listed every user id before graph layout 2). Ray is shut down at the end, also after an error; the processes of
-its instance are looked for (by an environment marker, never by name) and any left over are
-reported.
+JSON size per user is printed with the stores; it listed every user id before graph layout
+2). Ray is shut down at the end, also after an error; the processes of its instance are looked
+for (by an environment marker, never by name) and any left over are reported.
 
 Small chunks: a chunk row is about users_per_chunk x (4 G + 16 x seen videos + id) bytes.
 Ray returns a task's objects under ``max_direct_call_object_size`` (100 KiB: about 44 users per
