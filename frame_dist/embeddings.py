@@ -89,7 +89,6 @@ class ShardUsers:
     train_rows: np.ndarray  # (n_k,) row (0..M_k-1) of every training interaction
     train_videos: np.ndarray  # (n_k,) its global video
     user_ids: pa.Array  # (M_k,) string id of each row
-    manifest: dict[str, Any]  # the graph manifest
 
 
 @dataclass
@@ -115,7 +114,6 @@ class ShardedPropagation:
 
     h_c: Tensor  # (C, d)
     user_refs: list[list[Any]]  # (P,) per shard: ObjectRefs of what user_side yielded
-    users_per_shard: list[int]  # (P,) M_k
     cold_users: int  # over every shard
     manifest: dict[str, Any]
     bytes_from_tasks: int  # clip partials fetched by the driver
@@ -195,7 +193,7 @@ def shard_task(saved: dict[str, Any], store: Store, n_clips: int, index: int,
     yield from user_side(model, ShardUsers(index, shard.user_rows, h_u_pos, h_u_neg,
                                            shard.train["user"],
                                            shard.video_ids[shard.train["video"]],
-                                           shard.user_ids, manifest))
+                                           shard.user_ids))
 
 
 @torch.inference_mode()
@@ -225,7 +223,7 @@ def propagate_shards(model: FRAME, store: Store, n_clips: int, user_side: UserSi
     have_h_c0 = torch.zeros(n_total, dtype=torch.bool)
     sums = {"pos": torch.zeros(n_total, d),  # (C, d) sum_k R~_k^T H_u^k
             "neg": torch.zeros(n_total, d) if model.use_negative else None}
-    users_per_shard, cold, received = [], 0, 0
+    users, cold, received = 0, 0, 0
     for k, generator in enumerate(generators):  # shard order: a fixed order of the additions
         part: ClipPartials = ray.get(next(generator))  # the task's first object
         received += part.nbytes
@@ -241,11 +239,11 @@ def propagate_shards(model: FRAME, store: Store, n_clips: int, user_side: UserSi
         if part.users != manifest["shards"][k]["users"]:
             raise PartitionError(f"graph N_c={n_clips}: shard {k} holds {part.users} users, "
                                  f"its manifest says {manifest['shards'][k]['users']}")
-        users_per_shard.append(part.users)
+        users += part.users
         cold += part.cold_users
         del part
-    if sum(users_per_shard) != n_users:
-        raise PartitionError(f"graph N_c={n_clips}: its shards hold {sum(users_per_shard)} "
+    if users != n_users:
+        raise PartitionError(f"graph N_c={n_clips}: its shards hold {users} "
                              f"user rows, not the manifest's {n_users} users")
 
     if reads_clip_features(model):
@@ -260,7 +258,7 @@ def propagate_shards(model: FRAME, store: Store, n_clips: int, user_side: UserSi
     finally:
         model.propagation = before
     user_refs = [list(generator) for generator in generators]  # references, never fetched
-    return ShardedPropagation(h_c, user_refs, users_per_shard, cold, manifest,
+    return ShardedPropagation(h_c, user_refs, cold, manifest,
                               bytes_from_tasks=received, seconds=time.monotonic() - start)
 
 

@@ -161,7 +161,8 @@ def autocast_for(device: torch.device | str, precision: Precision = "auto") -> t
 def predict(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
             users: np.ndarray | Tensor, videos: np.ndarray | Tensor,
             batch_size: int = 8192, precision: Precision = "fp32") -> np.ndarray:
-    """Logits y(u, v) (eq. 13) of (user, video) pairs: one full propagation, chunked scoring.
+    """Logits y(u, v) (eq. 13) of (user, video) pairs: ``FRAME.score_pairs`` (one propagation
+    to the pairs' clips, then ``batch_size`` pairs at a time).
 
     ``precision`` as ``train.precision`` (:func:`autocast_for`); the default fp32 is exact on
     every device. Logits come back as float32 either way.
@@ -172,13 +173,12 @@ def predict(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
         device = model.layer_weights.device
         users_t = torch.as_tensor(np.asarray(users), dtype=torch.long, device=device)
         videos_t = torch.as_tensor(np.asarray(videos), dtype=torch.long, device=device)
-        model.check_pairs(users_t, videos_t, graph)
+        if len(users_t) == 0:
+            model.check_pairs(users_t, videos_t, graph)
+            return np.zeros(0, np.float32)
         with autocast_for(device, precision):
-            h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)
-            out = [model.video_scores(users_t[i:i + batch_size], videos_t[i:i + batch_size],
-                                      h_c, h_u_pos, h_u_neg, graph.clips_per_video)
-                   for i in range(0, len(users_t), batch_size)]
-        return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, np.float32)
+            logits = model.score_pairs(clip_features, graph, users_t, videos_t, batch_size)
+        return logits.float().cpu().numpy()
     finally:
         model.train(was_training)
 

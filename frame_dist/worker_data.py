@@ -89,10 +89,9 @@ class WorkerData:
                     device: torch.device | str) -> InteractionBatch:
         """This worker's members of one global batch; the loss divides by B / W."""
         positions = np.asarray(global_positions, dtype=np.int64)
-        at = np.searchsorted(self.train_order, positions).clip(max=max(len(self.train_order) - 1,
-                                                                        0))
-        hit = (self.train_order[at] == positions) if len(self.train_order) else \
-            np.zeros(len(positions), bool)
+        at = np.searchsorted(self.train_order, positions)
+        hit = at < len(self.train_order)
+        hit[hit] = self.train_order[at[hit]] == positions[hit]
         local = torch.from_numpy(self.train_row_of_order[at[hit]]).to(self.train_users.device)
         return InteractionBatch(self.train_users[local].to(device),
                                 self.train_videos[local].to(device),
