@@ -11,7 +11,8 @@ Three ways to turn the same videos into grid-frame features, in frames per secon
 - **Ray pipeline**: ``run_extract`` end to end on a local Ray (decode tasks -> encoder actor ->
   part writers -> commits), including the actor's start-up.
 
-The videos are the synthetic world's (``frame_dist.synthetic``), rendered at ``--size`` so that
+The videos are the synthetic world's (``frame_dist.ingest.synthetic``), rendered at ``--size`` so
+that
 decoding costs something (default 320x240, 12-25 fps, 3-9 s). Target on 2 cores: pipeline >= 0.8
 of the encoder alone.
 """
@@ -36,12 +37,12 @@ sys.path.insert(0, str(REPO))
 
 from feature_store.store import Store  # noqa: E402
 from frame_dist.config import WorldConfig, load_config  # noqa: E402
-from frame_dist.encoder import load_encoder  # noqa: E402
-from frame_dist.video import decode_grid  # noqa: E402
+from frame_dist.extract.encoder import load_encoder  # noqa: E402
+from frame_dist.extract.video import decode_grid  # noqa: E402
 
 
 def make_videos(n: int, size: tuple[int, int], out_dir: str) -> pa.Table:
-    from frame_dist.synthetic import generate_world
+    from frame_dist.ingest.synthetic import generate_world
 
     world = WorldConfig(preset="custom", n_videos=n, n_users=8, interactions_per_user=3,
                         sizes=(size,), out_dir=out_dir, seed=7)
@@ -98,7 +99,7 @@ def main() -> None:
 
     import ray
 
-    from frame_dist.extract import run_extract
+    from frame_dist.extract.pipeline import run_extract
 
     ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)

@@ -6,14 +6,15 @@
 
 Default: builds the synthetic store of ``benchmarks.train_scaling`` (long-tailed video
 popularity, 35% full watches, random frame features), partitions it, plans each W with
-``frame_dist.plan`` (exact shard sizes from the committed graph) and runs Ray Train + DeepSpeed
+``frame_dist.train.plan`` (exact shard sizes from the committed graph) and runs Ray Train +
+DeepSpeed
 for one short epoch with that W; prints, per W, the estimate, the measured peak RSS of the
 largest worker (``peak_rss_mb`` of metrics.json) and their ratio, and the same for the
 propagation bytes per step.
 
 ``--baseline``: the peak RSS of a Ray Train worker that imports what the training loop imports,
 wraps a 4 x 4 ``nn.Linear`` in a DeepSpeed engine and runs one step, with ZeRO 0 and ZeRO 2:
-the constants ``WORKER_BASELINE_BYTES`` and ``ZERO_OVERHEAD_BYTES`` of ``frame_dist.plan``.
+the constants ``WORKER_BASELINE_BYTES`` and ``ZERO_OVERHEAD_BYTES`` of ``frame_dist.train.plan``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import time
 
 from feature_store.store import Store
 from frame_dist.config import load_config
-from frame_dist.partition import build_shards, read_graph_manifest
-from frame_dist.plan import GIB, MIB, plan_training, read_data_stats, worker_budget
+from frame_dist.graph.shards import build_shards, read_graph_manifest
+from frame_dist.train.plan import GIB, MIB, plan_training, read_data_stats, worker_budget
 
 
 def _baseline_loop(loop_config: dict) -> None:
@@ -37,7 +38,7 @@ def _baseline_loop(loop_config: dict) -> None:
     import torch.distributed as dist
 
     from frame_dist.config import from_dict
-    from frame_dist.train_loop import _peak_rss_mb, deepspeed_config
+    from frame_dist.train.ray_loop import _peak_rss_mb, deepspeed_config
 
     cfg = from_dict(loop_config["config"]).validate()
     world = ray.train.get_context().get_world_size()
@@ -77,7 +78,7 @@ def measure_baseline(workers: int, zero_stage: int) -> list[float]:
 
 def compare(overrides: list[str], workers: int, steps: int) -> dict:
     """Plan, then train one epoch of ``steps`` steps; estimate and measurement side by side."""
-    from frame_dist.train_loop import run_training
+    from frame_dist.train.ray_loop import run_training
 
     cfg = load_config(None, [*overrides, f"train.workers={workers}",
                              f"train.run_name=plan-w{workers}", "train.epochs=1",

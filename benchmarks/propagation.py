@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from frame_dist.graph import build_graph, clip_labels, to_torch  # noqa: E402
-from frame_dist.loss import FRAMETrainTask, HybridLoss, InteractionBatch  # noqa: E402
-from frame_dist.model import FRAME  # noqa: E402
-from frame_dist.trainer import autocast_for, cpu_has_bf16  # noqa: E402
+from frame_dist.graph.clip_graph import build_graph, clip_labels, to_torch  # noqa: E402
+from frame_dist.model.frame import FRAME  # noqa: E402
+from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch  # noqa: E402
+from frame_dist.train.trainer import autocast_for, cpu_has_bf16  # noqa: E402
 
 
 def synthetic(users: int, videos: int, per_user: int, full_rate: float, seed: int

@@ -26,11 +26,11 @@ from torch import nn
 
 from feature_store.store import Store
 from frame_dist.config import Config, load_config
-from frame_dist.evaluate import split_pairs
-from frame_dist.metrics import all_metrics
-from frame_dist.partition import build_shards
-from frame_dist.trainer import EvalData, TrainData, build_model, evaluate, train
-from frame_dist.worker_data import whole_graph
+from frame_dist.evaluate.evaluation import split_pairs
+from frame_dist.graph.shards import build_shards
+from frame_dist.model.metrics import all_metrics
+from frame_dist.train.trainer import EvalData, TrainData, build_model, evaluate, train
+from frame_dist.train.worker_data import whole_graph
 
 
 def prepare(preset: str, root: str, grid: int = 16) -> Config:

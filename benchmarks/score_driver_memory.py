@@ -9,7 +9,7 @@ Not a test: run it standalone and read the slopes.
 What is measured: the peak resident memory that the Ray *driver* process of the score stage adds
 while it works, for several numbers of users M on the same videos, side by side for
 
-* ``job``: ``frame_dist.scoring.run_scoring(cfg, store)``, the whole job as it runs today
+* ``job``: ``frame_dist.score.pipeline.run_scoring(cfg, store)``, the whole job as it runs today
   (plan, one streaming-generator task per graph shard, the clip-side reduce, the Ray Data
   actor pool over the chunk rows the tasks leave in the object store, commits). Its driver
   should grow with the number of videos and chunks, not with M;
@@ -115,7 +115,7 @@ def store_overrides(root: Path, args: argparse.Namespace, n_users: int) -> list[
 def write_random_features(store: Any, seed: int) -> None:
     """N(0, 1) float16 frame features of every video, on the grid of its true duration."""
     from feature_store.frames import commit_frame_parts, frame_features_table, write_frame_part
-    from frame_dist.schemas import FEATURE_DIM
+    from feature_store.schemas import FEATURE_DIM
 
     videos = store.table("videos").read()
     ids = videos["video_id"].to_pylist()
@@ -134,12 +134,12 @@ def write_random_features(store: Any, seed: int) -> None:
 
 def build_store(root: Path, args: argparse.Namespace, n_users: int) -> dict[str, Any]:
     """World -> ingest -> random frame features -> graph -> untrained model.pt."""
+    from feature_store.schemas import FEATURE_DIM
     from feature_store.store import Store
     from frame_dist.config import load_config
-    from frame_dist.partition import build_shards, graph_dir
-    from frame_dist.schemas import FEATURE_DIM
-    from frame_dist.train_loop import write_outputs
-    from frame_dist.trainer import build_model
+    from frame_dist.graph.shards import build_shards, graph_dir
+    from frame_dist.train.ray_loop import write_outputs
+    from frame_dist.train.trainer import build_model
     from jobs import ingest as ingest_job
 
     t0 = time.perf_counter()
@@ -210,9 +210,10 @@ def child(mode: str, root: Path, out: Path) -> None:
     import torch
 
     from feature_store.store import Store
-    from frame_dist import embeddings, scoring
     from frame_dist.config import load_config
     from frame_dist.ray_runtime import init_ray
+    from frame_dist.score import embeddings
+    from frame_dist.score import pipeline as scoring
 
     cfg = load_config(None, json.loads((root / "overrides.json").read_text()))
     store = Store.from_config(cfg.store)

@@ -28,13 +28,13 @@ import pyarrow as pa
 import torch
 
 from feature_store.frames import commit_frame_parts, frame_features_table, write_frame_part
+from feature_store.schemas import INTERACTIONS, VIDEOS
 from feature_store.store import Store
 from frame_dist.config import load_config
-from frame_dist.loss import FRAMETrainTask
-from frame_dist.partition import build_shards
-from frame_dist.schemas import INTERACTIONS, VIDEOS
-from frame_dist.trainer import build_loss, build_model
-from frame_dist.worker_data import epoch_permutation, whole_graph
+from frame_dist.graph.shards import build_shards
+from frame_dist.model.loss import FRAMETrainTask
+from frame_dist.train.trainer import build_loss, build_model
+from frame_dist.train.worker_data import epoch_permutation, whole_graph
 
 
 def make_store(root: str, users: int, videos: int, per_user: int, grid: int, seed: int) -> None:
@@ -98,8 +98,8 @@ def engine_overhead(cfg, steps: int, threads: int) -> tuple[float, float]:
     import deepspeed
     import torch.distributed as dist
 
-    from frame_dist.distributed import DistributedPropagation
-    from frame_dist.train_loop import deepspeed_config
+    from frame_dist.model.distributed import DistributedPropagation
+    from frame_dist.train.ray_loop import deepspeed_config
 
     torch.set_num_threads(threads)
     with socket.socket() as sock:
@@ -150,7 +150,7 @@ def engine_overhead(cfg, steps: int, threads: int) -> tuple[float, float]:
 
 
 def distributed(overrides: list[str], workers: int, steps: int) -> dict:
-    from frame_dist.train_loop import run_training
+    from frame_dist.train.ray_loop import run_training
 
     cfg = load_config(None, [*overrides, f"train.workers={workers}",
                              f"train.run_name=bench-w{workers}", "train.epochs=2",

@@ -1,13 +1,13 @@
 """Frame features in the store: the writer helpers of [extract] and the clip-feature reader.
 
-Table ``frame_features`` (schema :func:`frame_dist.schemas.frame_features_schema`): one row per
+Table ``frame_features`` (schema :func:`feature_store.schemas.frame_features_schema`): one row per
 (video, grid index) with the float16 2048-d trunk feature of the grid frame. Each committed part
 file holds whole videos and lists them in its Part meta (``video_ids``), so the set of committed
 videos is known from the manifest alone and extraction resumes video by video. The manifest
 metadata holds the encoder identity (``encoder``: weights, image size, grid size G, dim,
 preprocessing); a run with another identity is refused (:class:`EncoderIdentityError`).
 
-Table ``extract_errors`` (schema :data:`frame_dist.schemas.ERRORS`): the failures of the last
+Table ``extract_errors`` (schema :data:`feature_store.schemas.ERRORS`): the failures of the last
 run, replaced at the end of each run (failed videos are retried by the next one).
 
 Reading. :func:`read_clip_features` gives the clip features of any N_c dividing G as the mean of
@@ -38,9 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from feature_store.schemas import ERRORS, FEATURE_DIM, conform, frame_features_schema
 from feature_store.store import Part, Store, StoreError
-from frame_dist.config import ConfigError
-from frame_dist.schemas import ERRORS, FEATURE_DIM, conform, frame_features_schema
 
 FRAME_FEATURES = "frame_features"
 EXTRACT_ERRORS = "extract_errors"
@@ -48,8 +47,10 @@ READ_COLUMNS = ["video_id", "grid_index", "feature"]
 PREFETCH_PARTS = 4  # part files read ahead by threads while the previous one is assembled
 
 
-class EncoderIdentityError(ConfigError):
-    """The store holds frame features made by another encoder / grid than this config's."""
+class EncoderIdentityError(ValueError):
+    """The store holds frame features made by another encoder / grid than this config's.
+
+    A configuration error for the jobs (exit 2, ``frame_dist.cli.run_stage``)."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from feature_store.frames import EncoderIdentityError
 from frame_dist.config import Config, ConfigError, load_config
 
 # Exit codes shared by every job (documented in README).
@@ -31,7 +32,7 @@ def run_stage(stage: str, fn: Callable[[], object]) -> int:
     """Run one stage; on failure print ``stage <name> failed: <cause>`` and return EXIT_FAILED."""
     try:
         fn()
-    except ConfigError as exc:
+    except (ConfigError, EncoderIdentityError) as exc:
         print(f"stage {stage} refused its configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as exc:  # noqa: BLE001 - the job's contract is a one-line cause + exit code

@@ -15,8 +15,8 @@ import sys
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
-from frame_dist.evaluate import evaluate_run, load_test_split, metrics_table
-from frame_dist.report import write_report
+from frame_dist.evaluate.evaluation import evaluate_run, load_test_split, metrics_table
+from frame_dist.evaluate.report import write_report
 
 
 def evaluate(cfg: Config) -> dict:

@@ -18,7 +18,7 @@ import sys
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
-from frame_dist.extract import ExtractSummary, run_extract
+from frame_dist.extract.pipeline import ExtractSummary, run_extract
 from frame_dist.ray_runtime import init_ray
 
 

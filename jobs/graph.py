@@ -14,7 +14,7 @@ import sys
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
-from frame_dist.partition import build_shards
+from frame_dist.graph.shards import build_shards
 
 
 def graph(cfg: Config) -> None:

@@ -15,8 +15,8 @@ import sys
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
-from frame_dist.ingest import ingest_is_current, run_ingest
-from frame_dist.world_stage import prepare_world
+from frame_dist.ingest.interactions import ingest_is_current, run_ingest
+from frame_dist.ingest.world import prepare_world
 
 
 def ingest(cfg: Config) -> None:

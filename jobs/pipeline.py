@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== stage {name} done in {time.perf_counter() - t0:.1f}s", flush=True)
     print(f"pipeline finished in {time.perf_counter() - start:.1f}s; store: {cfg.store.root}")
     from feature_store.store import Store
-    from frame_dist.report import run_summary
+    from frame_dist.evaluate.report import run_summary
 
     print(run_summary(Store.from_config(cfg.store), cfg.train.run_name), flush=True)
     return EXIT_OK

@@ -21,7 +21,7 @@ import sys
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
-from frame_dist.scoring import ScoreSummary, run_scoring
+from frame_dist.score.pipeline import ScoreSummary, run_scoring
 
 
 def score(cfg: Config) -> ScoreSummary:

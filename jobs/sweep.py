@@ -20,8 +20,8 @@ from dataclasses import asdict
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
-from frame_dist.report import n_clips_table
-from frame_dist.sweep import run_config, sweep_n_clips, sweep_name, sweep_row, write_sweep
+from frame_dist.evaluate.report import n_clips_table
+from frame_dist.evaluate.sweep import run_config, sweep_n_clips, sweep_name, sweep_row, write_sweep
 
 
 def sweep(cfg: Config) -> list[dict]:

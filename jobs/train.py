@@ -3,7 +3,8 @@
     python -m jobs.train --config configs/demo.yaml train.workers=2 graph.n_shards=2
     ray job submit --working-dir . -- python -m jobs.train --config configs/demo.yaml
 
-Plans first (``jobs.plan``): when the estimated memory per worker exceeds
+Plans first (``frame_dist.train.plan``, as ``jobs.plan``): when the estimated memory per worker
+exceeds
 ``plan.worker_memory_gb`` (or the cluster's / this machine's memory per worker) it exits 1 with
 the numbers, before any worker starts. Runs in ``<store>/runs/<train.run_name>``; submitting
 again with the same run name resumes from the latest checkpoint (a finished run only
@@ -19,8 +20,8 @@ from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
 from frame_dist.ray_runtime import init_ray
-from frame_dist.train_loop import check_trainable, finished_run, run_training
-from jobs.plan import plan
+from frame_dist.train.plan import plan_run
+from frame_dist.train.ray_loop import check_trainable, finished_run, run_training
 
 
 def train(cfg: Config) -> dict:
@@ -34,7 +35,7 @@ def train(cfg: Config) -> dict:
             init_ray()  # joining a cluster costs nothing and gives the planner its memory
         # memory per worker from the data statistics: an impossible setting fails here
         # (PlanError, exit 1), before Ray Train starts a worker
-        print(plan(cfg, store).summary())
+        print(plan_run(cfg, store).summary())
         init_ray()
         metrics = run_training(cfg, store)
     test = metrics["test"]

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from frame_dist.graph import adjacency, build_graph, clip_labels
-from frame_dist.loss import FRAMETrainTask, HybridLoss, InteractionBatch
-from frame_dist.model import FRAME
-from frame_dist.partition import Shard, partition_users
-from frame_dist.propagation import PropagationGraph
-from frame_dist.trainer import autocast_for
-from frame_dist.worker_data import WorkerData
+from frame_dist.graph.clip_graph import adjacency, build_graph, clip_labels
+from frame_dist.graph.shards import Shard, partition_users
+from frame_dist.model.frame import FRAME
+from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch
+from frame_dist.model.propagation import PropagationGraph
+from frame_dist.train.trainer import autocast_for
+from frame_dist.train.worker_data import WorkerData
 
 N_USERS, N_VIDEOS, N_C, F, DIM = 30, 12, 4, 16, 8
 
@@ -97,7 +97,7 @@ def _worker(rank, world, batch_positions, out_dir, mode, precision):
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
                             world_size=world)
     try:
-        from frame_dist.distributed import DistributedPropagation
+        from frame_dist.model.distributed import DistributedPropagation
 
         users, videos, ratio, full, features = _world()
         _, _, shards = _shards(users, videos, ratio, full, world)

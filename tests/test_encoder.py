@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from frame_dist.config import ConfigError, ExtractConfig
-from frame_dist.encoder import (
+from frame_dist.extract.encoder import (
     FrameEncoder,
     build_resnet50_trunk,
     cpu_threads,

@@ -25,9 +25,15 @@ from feature_store.frames import (
 )
 from feature_store.store import Store
 from frame_dist.config import Config, ConfigError, load_config
-from frame_dist.encoder import load_encoder
-from frame_dist.extract import ExtractError, ExtractSummary, pack_arrays, run_extract, unpack_rows
-from frame_dist.video import decode_grid, grid_times
+from frame_dist.extract.encoder import load_encoder
+from frame_dist.extract.pipeline import (
+    ExtractError,
+    ExtractSummary,
+    pack_arrays,
+    run_extract,
+    unpack_rows,
+)
+from frame_dist.extract.video import decode_grid, grid_times
 
 REPO = Path(__file__).resolve().parents[1]
 G, SIZE = 8, 32

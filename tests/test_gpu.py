@@ -40,7 +40,7 @@ CUDA = torch.device("cuda")
 
 
 def test_encoder_on_cuda_matches_cpu() -> None:
-    from frame_dist.encoder import FrameEncoder, build_resnet50_trunk
+    from frame_dist.extract.encoder import FrameEncoder, build_resnet50_trunk
 
     frames = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
     cpu = FrameEncoder(build_resnet50_trunk("random", seed=3)).eval()
@@ -55,7 +55,7 @@ def test_encoder_on_cuda_matches_cpu() -> None:
 
 
 def test_fused_scorer_on_cuda_matches_cpu() -> None:
-    from frame_dist.scoring import FusedScorer
+    from frame_dist.score.pipeline import FusedScorer
 
     g = torch.Generator().manual_seed(0)
     t_c = torch.randn(300, 4, 64, generator=g)  # (V, N_c, G)
@@ -74,8 +74,8 @@ def test_fused_scorer_on_cuda_matches_cpu() -> None:
 
 def _tiny_model_and_graph():
     """A FRAME with non-zero biases, a 40-user x 25-video graph (N_c = 4), features, a batch."""
-    from frame_dist.graph import build_graph, to_torch
-    from frame_dist.model import FRAME
+    from frame_dist.graph.clip_graph import build_graph, to_torch
+    from frame_dist.model.frame import FRAME
 
     rng = np.random.default_rng(0)
     n, m, n_videos, n_c, f = 400, 40, 25, 4, 32
@@ -95,9 +95,9 @@ def _tiny_model_and_graph():
 
 
 def test_model_forward_backward_bf16_on_cuda_matches_fp32_cpu() -> None:
-    from frame_dist.loss import HybridLoss
-    from frame_dist.model import FRAME
-    from frame_dist.trainer import autocast_for
+    from frame_dist.model.frame import FRAME
+    from frame_dist.model.loss import HybridLoss
+    from frame_dist.train.trainer import autocast_for
 
     model_cpu, graph, x, (users, videos, watched) = _tiny_model_and_graph()
     model_gpu = FRAME(**model_cpu.model_args()).to(CUDA)
@@ -128,8 +128,8 @@ def test_model_forward_backward_bf16_on_cuda_matches_fp32_cpu() -> None:
 
 def test_single_process_training_on_cuda_matches_cpu() -> None:
     from frame_dist.config import TrainConfig
-    from frame_dist.model import FRAME
-    from frame_dist.trainer import EvalData, TrainData, train
+    from frame_dist.model.frame import FRAME
+    from frame_dist.train.trainer import EvalData, TrainData, train
 
     model_cpu, graph, x, _ = _tiny_model_and_graph()
     rng = np.random.default_rng(2)
@@ -154,8 +154,8 @@ def test_ray_train_one_gpu_worker(ray_local, tmp_path) -> None:
 
     from feature_store.store import Store
     from frame_dist.config import load_config
-    from frame_dist.partition import build_shards
-    from frame_dist.train_loop import run_training
+    from frame_dist.graph.shards import build_shards
+    from frame_dist.train.ray_loop import run_training
     from jobs import ingest as ingest_job
 
     overrides = [*BASE, f"store.root={tmp_path}/store", f"world.out_dir={tmp_path}/world",
@@ -181,7 +181,7 @@ def test_ray_train_one_gpu_worker(ray_local, tmp_path) -> None:
 def test_score_job_uses_gpu_actors(world, reference, ray_local, tmp_path) -> None:  # noqa: F811
     """Default settings on a cluster with GPUs: one GPU actor per GPU; the lists of the CPU
     forward."""
-    from frame_dist.scoring import read_scores, run_scoring
+    from frame_dist.score.pipeline import read_scores, run_scoring
 
     gpus = int(ray_local.cluster_resources().get("GPU", 0))
     assert gpus >= 1

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from frame_dist.graph import (
+from frame_dist.graph.clip_graph import (
     GraphError,
     IdMap,
     build_graph,

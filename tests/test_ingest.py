@@ -4,10 +4,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from feature_store.schemas import INTERACTIONS
 from feature_store.store import Store
 from frame_dist.config import load_config
-from frame_dist.ingest import IngestError, run_ingest, time_split
-from frame_dist.schemas import INTERACTIONS
+from frame_dist.ingest.interactions import IngestError, run_ingest, time_split
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from frame_dist.graph import build_graph, clip_labels, to_torch
-from frame_dist.loss import FRAMETrainTask, HybridLoss, InteractionBatch
-from frame_dist.model import FRAME, FrameOutput
+from frame_dist.graph.clip_graph import build_graph, clip_labels, to_torch
+from frame_dist.model.frame import FRAME, FrameOutput
+from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

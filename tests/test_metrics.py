@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from frame_dist.metrics import MetricError, all_metrics, auc, logloss, ranking_metrics, sigmoid
+from frame_dist.model.metrics import (
+    MetricError,
+    all_metrics,
+    auc,
+    logloss,
+    ranking_metrics,
+    sigmoid,
+)
 
 
 @pytest.mark.parametrize("labels,scores,expected", [

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from frame_dist.graph import build_graph, clip_labels, slice_users, to_torch
-from frame_dist.model import FRAME, PreferenceMLP
-from frame_dist.propagation import (
+from frame_dist.graph.clip_graph import build_graph, clip_labels, slice_users, to_torch
+from frame_dist.model.frame import FRAME, PreferenceMLP
+from frame_dist.model.propagation import (
     LocalPropagation,
     csr_gather_rows,
     csr_select_columns,
@@ -204,8 +204,8 @@ def test_trainable_clip_features_start_equal_and_learn(data) -> None:
 def test_local_clip_axis_reads_the_global_table(data, trainable) -> None:
     """A worker's graph over a subset of videos (local clip axis + clip_ids) gives the same user
     embeddings as the whole graph when its users' clips are all in the subset."""
-    from frame_dist.graph import adjacency
-    from frame_dist.propagation import PropagationGraph
+    from frame_dist.graph.clip_graph import adjacency
+    from frame_dist.model.propagation import PropagationGraph
 
     torch.manual_seed(2)
     model = FRAME(F, dim=D, hidden=H, use_visual=trainable, n_clips_total=N * N_C,

@@ -1,4 +1,5 @@
-"""The planner (frame_dist.plan, jobs.plan) on a hand-built store: statistics, edges, every byte
+"""The planner (frame_dist.train.plan, jobs.plan) on a hand-built store: statistics, edges, every
+byte
 term, the shard rule, refusals with their numbers, and jobs.train refusing before Ray starts.
 
 The estimate against measured peak memory of real Ray Train runs is in tests/test_train_loop.py
@@ -12,10 +13,11 @@ import pyarrow as pa
 import pytest
 
 from feature_store.frames import commit_frame_parts, frame_features_table, write_frame_part
+from feature_store.schemas import INTERACTIONS, VIDEOS
 from feature_store.store import Store
 from frame_dist.config import load_config
-from frame_dist.partition import build_shards, read_graph_manifest
-from frame_dist.plan import (
+from frame_dist.graph.shards import build_shards, read_graph_manifest
+from frame_dist.train.plan import (
     GIB,
     WORKER_BASELINE_BYTES,
     Budget,
@@ -28,7 +30,6 @@ from frame_dist.plan import (
     plan_training,
     read_data_stats,
 )
-from frame_dist.schemas import INTERACTIONS, VIDEOS
 
 GRID = 4
 # (user, video, watch ratio, split): 5 train rows (2 full watches; skips at r = 0.1, 0.3, 0.55,
@@ -116,7 +117,7 @@ def test_expected_distinct_is_hypergeometric():
 @pytest.mark.parametrize("model", [[], ["model.use_negative=false"], ["model.enhance=false"],
                                    ["model.use_visual=false"]])
 def test_parameter_count_equals_the_model(model):
-    from frame_dist.trainer import build_model
+    from frame_dist.train.trainer import build_model
 
     cfg = load_config(None, [*BASE, *model])
     frame = build_model(cfg.model, 2048, n_clips_total=8)
@@ -223,7 +224,7 @@ def test_refused_with_numbers_and_alternatives():
 
     plan = plan_training(stats, cfg, budget_for(cfg, "cpu"), "cpu")
     assert not plan.fits
-    from frame_dist.plan import alternatives
+    from frame_dist.train.plan import alternatives
 
     with pytest.raises(PlanError) as err:
         check_plan(plan, alternatives(stats, cfg, budget_for, "cpu"))

@@ -1,4 +1,4 @@
-"""The run report (frame_dist/report.py), written by the evaluate stage (jobs/evaluate.py).
+"""The run report (frame_dist/evaluate/report.py), written by the evaluate stage (jobs/evaluate.py).
 
 One tiny store for the module: the synthetic world of tests/test_train_loop.py (real ingest),
 frame features written directly (one random vector per visual topic plus noise), a small FRAME
@@ -21,10 +21,7 @@ from test_train_loop import BASE, _train_and_save, _write_topic_features  # test
 
 from feature_store.store import Store
 from frame_dist.config import load_config
-from frame_dist.graph import clip_labels
-from frame_dist.model import FRAME
-from frame_dist.partition import build_shards
-from frame_dist.report import (
+from frame_dist.evaluate.report import (
     CASE_PLOT,
     CURVE_PLOT,
     N_CLIPS_PLOT,
@@ -33,7 +30,10 @@ from frame_dist.report import (
     pick_skip,
     run_summary,
 )
-from frame_dist.worker_data import whole_graph
+from frame_dist.graph.clip_graph import clip_labels
+from frame_dist.graph.shards import build_shards
+from frame_dist.model.frame import FRAME
+from frame_dist.train.worker_data import whole_graph
 from jobs import evaluate as evaluate_job
 from jobs import ingest as ingest_job
 

@@ -1,4 +1,4 @@
-"""Batch scoring (frame_dist/scoring.py, jobs/score.py): top-K lists of every user.
+"""Batch scoring (frame_dist/score/pipeline.py, jobs/score.py): top-K lists of every user.
 
 One tiny store for the module: the synthetic world of tests/test_train_loop.py (real ingest),
 frame features written directly (one random vector per visual topic plus noise), with three
@@ -10,7 +10,7 @@ single-process trainer and saved as ``runs/tiny/model.pt`` by the training stage
 The reference is the model's own forward pass (``FRAME.score_pairs`` on the merged shards, in
 the graph's local spaces) for every (user, video) pair, sorted per user. The graph has two
 shards, so every job run here computes its embeddings with one Ray task per shard
-(``frame_dist.embeddings.sharded_embeddings``); a copy with three shards and a video nobody
+(``frame_dist.score.embeddings.sharded_embeddings``); a copy with three shards and a video nobody
 watched compares that path with the single-process one.
 """
 
@@ -44,16 +44,16 @@ from feature_store.frames import (
 )
 from feature_store.store import Store, StoreError
 from frame_dist.config import ConfigError, load_config
-from frame_dist.embeddings import sharded_embeddings, whole_graph_embeddings
-from frame_dist.model import FRAME
-from frame_dist.partition import (
+from frame_dist.graph.shards import (
     build_shards,
     load_clip_features,
     load_shards,
     read_graph_manifest,
     read_graph_user_ids,
 )
-from frame_dist.scoring import (
+from frame_dist.model.frame import FRAME
+from frame_dist.score.embeddings import sharded_embeddings, whole_graph_embeddings
+from frame_dist.score.pipeline import (
     CHUNK_SCHEMA,
     FAULT_ENV,
     SCORES_TABLE,
@@ -65,7 +65,7 @@ from frame_dist.scoring import (
     read_scores,
     run_scoring,
 )
-from frame_dist.worker_data import WorkerData, whole_graph
+from frame_dist.train.worker_data import WorkerData, whole_graph
 from jobs import ingest as ingest_job
 from jobs import score as score_job
 

@@ -1,4 +1,4 @@
-"""The N_c sweep (jobs/sweep.py, frame_dist/sweep.py) on a tiny synthetic world.
+"""The N_c sweep (jobs/sweep.py, frame_dist/evaluate/sweep.py) on a tiny synthetic world.
 
 The module's store gets a real ingest, then frame features of every video on the 8-frame grid,
 committed as this config's encoder would commit them (the topic features of
@@ -22,7 +22,7 @@ import test_train_loop  # tests/ is on sys.path (pytest)
 from feature_store.frames import commit_frame_parts
 from feature_store.store import Store
 from frame_dist.config import load_config
-from frame_dist.encoder import encoder_identity
+from frame_dist.extract.encoder import encoder_identity
 from jobs import ingest as ingest_job
 from jobs import sweep as sweep_job
 

@@ -1,4 +1,5 @@
-"""Tests of frame_dist/synthetic.py: real mp4 files, the hazard simulation and the world files."""
+"""Tests of frame_dist/ingest/synthetic.py: real mp4 files, the hazard simulation and the world
+files."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from feature_store.schemas import SCENES, TRUTH
 from frame_dist.config import ConfigError, IngestConfig, WorldConfig, load_config
-from frame_dist.schemas import SCENES, TRUTH
-from frame_dist.synthetic import (
+from frame_dist.ingest.synthetic import (
     SKIP_HORIZON,
     Users,
     VideoLayout,

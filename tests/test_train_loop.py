@@ -19,16 +19,16 @@ import torch
 from feature_store.frames import commit_frame_parts, frame_features_table, write_frame_part
 from feature_store.store import Store, StoreError
 from frame_dist.config import ConfigError, load_config
-from frame_dist.partition import (
+from frame_dist.graph.shards import (
     PartitionError,
     build_shards,
     check_graph,
     load_clip_features,
     load_shards,
 )
-from frame_dist.train_loop import check_trainable, run_training
-from frame_dist.trainer import EvalData, TrainData, build_model, train
-from frame_dist.worker_data import WorkerData
+from frame_dist.train.ray_loop import check_trainable, run_training
+from frame_dist.train.trainer import EvalData, TrainData, build_model, train
+from frame_dist.train.worker_data import WorkerData
 from jobs import ingest as ingest_job
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ def _single_process(cfg, store):
 
 def _train_and_save(cfg, store, global_step: int = 0) -> None:
     """:func:`_single_process`, saved with the training stage's writer (model.pt, metrics.json)."""
-    from frame_dist.train_loop import write_outputs
+    from frame_dist.train.ray_loop import write_outputs
 
     result = _single_process(cfg, store)
     model = build_model(cfg.model, 2048, seed=cfg.train.seed)
@@ -172,7 +172,7 @@ def test_trainable_clip_features_zero2_equal_single_process(ray_local, store_cfg
     per_worker = m2["history"][0]["optimizer_state_bytes"]
     assert 0.45 * 8 * n_params <= per_worker <= 0.55 * 8 * n_params + 64
     # the evaluate stage rebuilds the model, table included, from model.pt alone
-    from frame_dist.evaluate import evaluate_run, load_test_split
+    from frame_dist.evaluate.evaluation import evaluate_run, load_test_split
 
     test = load_test_split(store, "table-zero2")
     assert test.data.clip_features is None  # the model owns its table: no (C, F) read
@@ -239,7 +239,7 @@ def test_graph_user_ids_live_in_parquet_not_the_manifest(store_cfg, tmp_path):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from frame_dist.partition import graph_dir, read_graph_manifest, read_graph_user_ids
+    from frame_dist.graph.shards import graph_dir, read_graph_manifest, read_graph_user_ids
 
     cfg, store, _ = store_cfg
     manifest = read_graph_manifest(store, 4)
@@ -287,7 +287,7 @@ def test_refused_before_training(store_cfg, tmp_path):
 
 
 def test_evaluate_stage_matches_training_and_reports_oracle(store_cfg, two_worker_run):
-    from frame_dist.evaluate import evaluate_run, metrics_table
+    from frame_dist.evaluate.evaluation import evaluate_run, metrics_table
 
     cfg, store, overrides = store_cfg
     result = evaluate_run(load_config(None, [*overrides, "train.run_name=w2"]), store)
@@ -303,15 +303,15 @@ def test_evaluate_stage_matches_training_and_reports_oracle(store_cfg, two_worke
 
 
 def test_plan_estimate_matches_measured_peak_rss(store_cfg, two_worker_run):
-    """The planner's per-worker peak (frame_dist.plan) against what the W = 2 run measured.
+    """The planner's per-worker peak (frame_dist.train.plan) against what the W = 2 run measured.
 
     Memory: within 0.5x-2x of the largest worker's peak RSS, the accuracy docs/training.md
     states (an upper-bound style estimate of RSS, which allocators make imprecise); on this tiny
     world the runtime baseline is almost all of it. Bytes per step: the expectation over random
     batches against the mean of the run's 3 epochs, within 5%.
     """
-    from frame_dist.partition import read_graph_manifest
-    from frame_dist.plan import MIB, plan_training, read_data_stats, worker_budget
+    from frame_dist.graph.shards import read_graph_manifest
+    from frame_dist.train.plan import MIB, plan_training, read_data_stats, worker_budget
 
     cfg, store, overrides = store_cfg
     run_cfg = load_config(None, [*overrides, "train.workers=2", "train.run_name=w2"])

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from frame_dist import trainer
 from frame_dist.config import EvaluateConfig, ModelConfig, TrainConfig
-from frame_dist.graph import Interactions, build_graph, to_torch
-from frame_dist.loss import FRAMETrainTask, InteractionBatch
-from frame_dist.metrics import all_metrics
-from frame_dist.model import FRAME
-from frame_dist.trainer import (
+from frame_dist.graph.clip_graph import Interactions, build_graph, to_torch
+from frame_dist.model.frame import FRAME
+from frame_dist.model.loss import FRAMETrainTask, InteractionBatch
+from frame_dist.model.metrics import all_metrics
+from frame_dist.train import trainer
+from frame_dist.train.trainer import (
     EvalData,
     Precision,
     TrainData,

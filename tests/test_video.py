@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from frame_dist.video import (
+from frame_dist.extract.video import (
     VideoDecodeError,
     decode_grid,
     grid_times,

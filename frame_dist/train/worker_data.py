@@ -1,6 +1,7 @@
 """What one training worker holds, and how it draws its share of each global batch.
 
-Pure torch / numpy (no Ray, no DeepSpeed): the Ray Train loop (``frame_dist.train_loop``) and the
+Pure torch / numpy (no Ray, no DeepSpeed): the Ray Train loop (``frame_dist.train.ray_loop``) and
+the
 tests build the same :class:`WorkerData` from a shard. :func:`whole_graph` is the single-process
 case (one worker holding every shard, in the global space): what the evaluate stage, the score
 stage's one-shard path and the benchmarks propagate over.
@@ -24,10 +25,10 @@ import torch
 from torch import Tensor
 
 from feature_store.store import Store
-from frame_dist.graph import adjacency
-from frame_dist.loss import InteractionBatch
-from frame_dist.partition import Shard, load_clip_features, load_whole_graph
-from frame_dist.propagation import PropagationGraph
+from frame_dist.graph.clip_graph import adjacency
+from frame_dist.graph.shards import Shard, load_clip_features, load_whole_graph
+from frame_dist.model.loss import InteractionBatch
+from frame_dist.model.propagation import PropagationGraph
 
 
 @dataclass
@@ -103,7 +104,7 @@ def whole_graph(store: Store, n_clips: int, use_negative: bool = True,
                 with_features: bool = True) -> tuple[WorkerData, dict[str, Any]]:
     """The whole committed graph as one process's WorkerData (a single worker holding every shard).
 
-    In the global space (``frame_dist.partition.load_whole_graph``): row i is user i of the
+    In the global space (``frame_dist.graph.shards.load_whole_graph``): row i is user i of the
     manifest, clip v * N_c + j is clip j of video v, every video of the graph included.
     ``with_features=False`` skips the (N N_c, F) clip features (a model that owns its clip
     table does not read them). Returns (data, graph manifest).

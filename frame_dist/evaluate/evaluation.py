@@ -4,7 +4,8 @@ Rebuilds the model from ``<store>/runs/<run>/model.pt`` alone (model arguments +
 propagates once over the whole committed graph (every shard merged: the single-process path,
 fine up to millions of edges; the training stage computes the same metrics distributed), scores
 the test interactions of the ``interactions`` table and computes AUC, Logloss, Recall@K and
-NDCG@K (``frame_dist.metrics``). Where the store has the synthetic world's ``truth`` table, the
+NDCG@K (``frame_dist.model.metrics``). Where the store has the synthetic world's ``truth`` table,
+the
 **oracle** (the true full-watch probability of every test interaction) is scored with the same
 metrics: the ceiling any model can reach on this data. Writes ``evaluation.json`` beside the
 run's checkpoints.
@@ -23,12 +24,12 @@ import torch
 
 from feature_store.store import Store, StoreError
 from frame_dist.config import Config
-from frame_dist.embeddings import reads_clip_features, rebuild_model
-from frame_dist.graph import IdMap, encode_interactions
-from frame_dist.metrics import all_metrics
-from frame_dist.model import FRAME
-from frame_dist.trainer import predict
-from frame_dist.worker_data import WorkerData, whole_graph
+from frame_dist.graph.clip_graph import IdMap, encode_interactions
+from frame_dist.model.frame import FRAME
+from frame_dist.model.metrics import all_metrics
+from frame_dist.score.embeddings import reads_clip_features, rebuild_model
+from frame_dist.train.trainer import predict
+from frame_dist.train.worker_data import WorkerData, whole_graph
 
 
 def load_trained_model(store: Store, run_name: str) -> tuple[FRAME, dict[str, Any]]:
@@ -49,7 +50,7 @@ class TestSplit:
 
     model: FRAME  # eval mode
     n_clips: int
-    data: WorkerData  # the whole graph (frame_dist.worker_data.whole_graph); clip features
+    data: WorkerData  # the whole graph (frame_dist.train.worker_data.whole_graph); clip features
     # only for a model that reads them (None when it owns its clip table)
     rows: pd.DataFrame  # the test rows of the interactions table
     users: np.ndarray  # (n,) local user of each row

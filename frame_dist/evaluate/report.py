@@ -34,10 +34,10 @@ import torch
 from feature_store.frames import FRAME_FEATURES, committed_video_ids, stored_identity
 from feature_store.store import Store
 from frame_dist.config import Config
-from frame_dist.evaluate import TestSplit, load_test_split, metrics_table
-from frame_dist.graph import clip_labels
-from frame_dist.model import FRAME
-from frame_dist.worker_data import WorkerData
+from frame_dist.evaluate.evaluation import TestSplit, load_test_split, metrics_table
+from frame_dist.graph.clip_graph import clip_labels
+from frame_dist.model.frame import FRAME
+from frame_dist.train.worker_data import WorkerData
 
 REPORT = "report.md"
 SUMMARY = "report.json"
@@ -138,7 +138,7 @@ class CaseStudy:
     timestamp: int
     duration_s: float
     watch_ratio: float  # r
-    skip_clip: int  # s = floor(r * N_c) (frame_dist.graph.clip_labels): where the user left
+    skip_clip: int  # s = floor(r * N_c) (graph.clip_graph.clip_labels): where the user left
     clip_scores: list[float]  # y(u, c) (eq. 12) for the clips c = 0 .. N_c - 1 of the video
     video_score: float  # y(u, v) (eq. 13): their mean
 

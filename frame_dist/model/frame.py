@@ -1,7 +1,7 @@
 """FRAME: fine-grained user interests for micro-video recommendation (Shang et al., SIGIR 2023).
 
 One model class, pure torch. The graphs it propagates over and the propagation strategy (one
-process or W workers, see ``frame_dist.propagation``) are passed in, never built here.
+process or W workers, see ``frame_dist.model.propagation``) are passed in, never built here.
 
 Shapes: C clips in total (C = N * N_c), M_local users held by this process, d = ``dim``,
 F = ``n_clip_features``, B = a batch of (user, video) pairs.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from frame_dist.propagation import LocalPropagation, PropagationGraph
+from frame_dist.model.propagation import LocalPropagation, PropagationGraph
 
 
 @dataclass
@@ -366,7 +366,7 @@ class FRAME(nn.Module):
         Args:
             users: (B,) local user rows; videos: (B,) video indices.
             watched: (B,) fully played clips per interaction (N_c for a full watch; see
-                ``frame_dist.graph.clip_labels``): the watched part is clips j < watched.
+                ``frame_dist.graph.clip_graph.clip_labels``): the watched part is clips j < watched.
 
         Returns:
             :class:`FrameOutput` with ``clip_scores`` (B, N_c) for every clip of the video and

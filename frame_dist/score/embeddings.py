@@ -5,7 +5,7 @@ also the videos nobody interacted with) and, per user, H_u^p and H_u^n (eq. 7) n
 user's training interactions.
 
 * :func:`propagate_shards` (the score stage), a map over the shards and a sum: the math of
-  ``frame_dist.distributed.DistributedPropagation`` with Ray tasks instead of a process group.
+  ``frame_dist.model.distributed.DistributedPropagation`` with Ray tasks instead of a process group.
 
   - map, one Ray task per shard k (:func:`shard_task`; also for a graph of one shard, so the
     driver never holds a graph): loads shard k alone (``load_shards``) and the clip features
@@ -48,17 +48,17 @@ import torch
 from torch import Tensor
 
 from feature_store.store import Store
-from frame_dist.distributed import RecordedClipSums, SummedClipSums
-from frame_dist.graph import adjacency
-from frame_dist.model import FRAME
-from frame_dist.partition import (
+from frame_dist.graph.clip_graph import adjacency
+from frame_dist.graph.shards import (
     PartitionError,
     load_clip_features,
     load_shards,
     read_graph_manifest,
 )
-from frame_dist.propagation import PropagationGraph
-from frame_dist.worker_data import whole_graph
+from frame_dist.model.distributed import RecordedClipSums, SummedClipSums
+from frame_dist.model.frame import FRAME
+from frame_dist.model.propagation import PropagationGraph
+from frame_dist.train.worker_data import whole_graph
 
 ORPHAN_VIDEOS_PER_BLOCK = 1024  # videos in no shard: clip features read this many at a time
 

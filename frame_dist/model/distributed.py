@@ -1,7 +1,7 @@
 """Exact data-parallel propagation over a user-partitioned graph (torch.distributed only).
 
 Each of the W workers holds the rows of R~^p and R~^n for its users, in its *local clip space*
-(``frame_dist.partition``): the clips of the videos its users interacted with. The two directions
+(``frame_dist.graph.shards``): the clips of the videos its users interacted with. The two directions
 of message passing then split as follows:
 
 * users_from_clips, R~ H (eq. 7): each user's row is whole on its worker, so this is local.
@@ -21,7 +21,8 @@ proportional to the clip table or to the number of users crosses the network.
 The result is exactly the single-process R~^T H_u restricted to those clips, up to the order
 of floating-point additions.
 
-Offline, without a process group (the score stage's embeddings, ``frame_dist.embeddings``), the
+Offline, without a process group (the score stage's embeddings, ``frame_dist.score.embeddings``),
+the
 same split runs as a map and a reduce: on each shard :class:`RecordedClipSums` keeps the
 partial sums R~_k^T H_u^k of every local clip; the reducer adds them up over the shards and
 hands the totals to the model through :class:`SummedClipSums`, a propagation with no users of
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from frame_dist.propagation import (
+from frame_dist.model.propagation import (
     Adjacency,
     LocalPropagation,
     PropagationGraph,

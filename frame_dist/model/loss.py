@@ -1,6 +1,7 @@
 """Hybrid supervision of FRAME (section 3.4, eqs. 14-16) and the one-batch train task.
 
-Labels come as one integer per interaction, ``watched`` (see ``frame_dist.graph.clip_labels``):
+Labels come as one integer per interaction, ``watched`` (see
+``frame_dist.graph.clip_graph.clip_labels``):
 clips j < watched are weak positives, clip ``watched`` (when < N_c) is the weak negative where
 the user skipped, later clips are unlabelled; watched = N_c is a full watch (all clips positive).
 
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from frame_dist.model import FRAME, FrameOutput
-from frame_dist.propagation import PropagationGraph
+from frame_dist.model.frame import FRAME, FrameOutput
+from frame_dist.model.propagation import PropagationGraph
 
 
 class HybridLoss(nn.Module):

@@ -7,7 +7,7 @@ columns, streamed, plus manifests), :func:`plan_training` turns statistics and t
 names the numbers and what to change. ``jobs.plan`` prints a plan; ``jobs.train`` refuses an
 impossible setting with it before any cluster time is spent.
 
-What one worker holds (``frame_dist.train_loop``): its shards' rows of R~^p and R~^n (stored
+What one worker holds (``frame_dist.train.ray_loop``): its shards' rows of R~^p and R~^n (stored
 scipy CSR, then torch CSR and the transpose), its users' interactions, the clip features of its
 own videos (C_w x F float32), the model, its gradients and Adam states (ZeRO partitions them),
 and for one step the activations of eqs. 1-16 over its C_w local clips, M_w local users, the
@@ -17,7 +17,8 @@ validation (and at the end test) split at once. The model of each term is in doc
 
 Edges of a graph that has not been built yet come from the watch-ratio histogram: per training
 interaction R^p gets N_c edges for a full watch (``positives="full_watch"``) or ``watched`` edges
-(``"watched_clips"``), R^n one edge when it is not a full watch (``frame_dist.graph``); repeated
+(``"watched_clips"``), R^n one edge when it is not a full watch (``frame_dist.graph.clip_graph``);
+repeated
 (user, video) pairs collapse in the real graph, so these counts are upper bounds. With a
 committed graph of the same N_c (what training loads) its exact per-shard sizes are used.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,14 +40,15 @@ import pyarrow.parquet as pq
 from scipy.special import gammaln
 
 from feature_store.frames import FRAME_FEATURES, PREFETCH_PARTS, committed_video_ids
+from feature_store.schemas import FEATURE_DIM
 from feature_store.store import Store, StoreError
 from frame_dist.config import Config, bf16_activations
-from frame_dist.schemas import FEATURE_DIM
+from frame_dist.graph.shards import read_graph_manifest
 
 MIB = 2**20
 GIB = 2**30
 
-# Peak RSS of a Ray Train worker that imports what frame_dist.train_loop imports (torch, Ray
+# Peak RSS of a Ray Train worker that imports what frame_dist.train.ray_loop imports (torch, Ray
 # Train, DeepSpeed, pyarrow, scipy), joins a gloo group, wraps a 4 x 4 nn.Linear in a DeepSpeed
 # engine (ZeRO 0) and runs one step: 910 MiB, measured once with
 # ``python -m benchmarks.plan_accuracy --baseline`` (torch 2.14.1, Ray 2.60, DeepSpeed 0.19, CPU,
@@ -76,7 +79,7 @@ class DataStats:
     ``skip_hist`` counts the training interactions that are not full watches by
     ``k = floor(r * R)`` (clamped to [0, R - 1], R = ``len(skip_hist)``, the frame grid G): for any
     N_c dividing R the skip clip of such an interaction is ``k // (R / N_c)``, which is
-    ``frame_dist.graph.clip_labels``' floor(r * N_c).
+    ``frame_dist.graph.clip_graph.clip_labels``' floor(r * N_c).
     """
 
     n_users: int  # M: users with an interaction on a video of the graph
@@ -201,7 +204,7 @@ def read_data_stats(store: Store, cfg: Config, batch_rows: int = 1 << 20) -> Dat
 
 
 def n_parameters(cfg: Config, n_features: int, n_clips_total: int) -> int:
-    """Trainable parameters of FRAME (``frame_dist.model``) for this config."""
+    """Trainable parameters of FRAME (``frame_dist.model.frame``) for this config."""
     m, d, h = cfg.model, cfg.model.dim, cfg.model.hidden
     mlp = h * 2 * d + h + h + 1  # PreferenceMLP: (hidden, 2d) + bias, (1, hidden) + bias
     n = 2 * d * d + mlp + 2  # W_p^(1), W_p^(2), MLP^p, alpha_0 / alpha_1
@@ -680,3 +683,75 @@ def alternatives(stats: DataStats, cfg: Config, budget_for: Callable[[Config, st
         out.append(("train.use_gpu=true (bf16 activations, tensors in GPU memory)",
                     plan_training(stats, cfg, budget_for(cfg, "cuda"), "cuda")))
     return out
+
+
+# --------------------------------------------------------------------------- a configured run
+# (Ray and torch are imported lazily: only to ask a connected cluster or this machine's GPU)
+
+
+def _cluster() -> dict[str, float] | None:
+    """The connected Ray cluster's resources, or None (Ray is never started here)."""
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return dict(ray.cluster_resources()) if ray.is_initialized() else None
+
+
+def training_device(cfg: Config) -> str:
+    """"cuda" or "cpu", as ``run_training`` decides: train.use_gpu, else the connected cluster's
+    GPUs, else this machine's."""
+    if cfg.train.use_gpu is not None:
+        return "cuda" if cfg.train.use_gpu else "cpu"
+    resources = _cluster()
+    if resources is not None:
+        return "cuda" if resources.get("GPU", 0) > 0 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def memory_budget(cfg: Config, device: str) -> Budget:
+    """plan.worker_memory_gb, else the connected cluster's memory resource / W, else this
+    machine's memory / W; on GPU plan.gpu_memory_gb or the visible GPU's memory."""
+    gpu_bytes = None
+    if device == "cuda" and cfg.plan.gpu_memory_gb <= 0:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_bytes = torch.cuda.get_device_properties(0).total_memory
+    resources = _cluster() or {}
+    return worker_budget(cfg, device, gpu_bytes, resources.get("memory"))
+
+
+def plan_run(cfg: Config, store: Store | None = None, check: bool = True) -> Plan:
+    """The plan of training ``cfg`` on the committed data; raises PlanError when it does not fit
+    (``check``), naming the numbers and the plans of the usual alternatives."""
+    store = store or Store.from_config(cfg.store)
+    stats = read_data_stats(store, cfg)
+    device = training_device(cfg)
+    manifest = read_graph_manifest(store, cfg.graph.n_clips)
+    result = plan_training(stats, cfg, memory_budget(cfg, device), device, manifest)
+    if check and not result.fits:
+        check_plan(result, alternatives(stats, cfg, memory_budget, device))
+    return result
+
+
+def print_plan(cfg: Config) -> Plan:
+    store = Store.from_config(cfg.store)
+    result = plan_run(cfg, store, check=False)
+    print(result.table())
+    grid = len(result.stats.skip_hist)
+    sweep = []
+    for n_c in (n for n in range(1, grid + 1) if grid % n == 0):
+        other = copy.deepcopy(cfg)
+        other.graph.n_clips = n_c
+        alt = plan_training(result.stats, other, result.budget, result.device,
+                            read_graph_manifest(store, n_c))
+        sweep.append(f"N_c={n_c}: {alt.total('host') / GIB:.2f} GiB"
+                     + (f" + {alt.total('device') / GIB:.2f} GiB device"
+                        if alt.device == "cuda" else ""))
+    print("per worker for every N_c of the grid: " + ", ".join(sweep))
+    if not result.fits:
+        check_plan(result, alternatives(result.stats, cfg, memory_budget, result.device))
+    return result

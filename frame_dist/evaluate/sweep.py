@@ -18,7 +18,7 @@ from typing import Any
 
 from feature_store.store import Store
 from frame_dist.config import Config, from_dict
-from frame_dist.report import n_clips_csv, n_clips_table, plot_metrics_by_n_clips
+from frame_dist.evaluate.report import n_clips_csv, n_clips_table, plot_metrics_by_n_clips
 
 DEFAULT_N_CLIPS = (1, 2, 4, 8, 16, 32, 64)  # without sweep.n_clips: those that divide G
 

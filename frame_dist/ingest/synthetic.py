@@ -32,7 +32,7 @@ This is the project's embedded default data. Everything is a deterministic funct
   sometimes more (a replay of up to :data:`REPLAY_MAX` of it).
 
 Outputs under ``cfg.out_dir``: ``videos/<video_id>.mp4``, ``videos.csv``, ``interactions.csv``
-(the "frame" column preset of ingest), ``truth.parquet`` (:data:`~frame_dist.schemas.TRUTH`: the
+(the "frame" column preset of ingest), ``truth.parquet`` (:data:`~feature_store.schemas.TRUTH`: the
 exact p_full of every interaction), ``scenes.parquet`` (the ground-truth timeline) and, written
 last and atomically, ``world.json`` (config, counts, generator version). A run killed midway leaves
 no ``world.json`` and is regenerated from scratch by the next call.
@@ -40,7 +40,8 @@ no ``world.json`` and is regenerated from scratch by the next call.
 The simulation is factored from the I/O: :func:`simulate_world` builds every table in memory
 without rendering, :func:`simulate_watches` re-runs the watching process on any interactions.
 
-CLI: ``python -m frame_dist.synthetic --config configs/world_medium.yaml [--force] key=value ...``
+CLI: ``python -m frame_dist.ingest.synthetic --config configs/world_medium.yaml [--force] key=value
+...``
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from feature_store.schemas import SCENES, TRUTH, conform
 from feature_store.store import write_atomic
 from frame_dist.config import Config, ConfigError, WorldConfig, load_config
-from frame_dist.schemas import SCENES, TRUTH, conform
 
 # Bump whenever the same config would produce a different world (tables or pixels).
 GENERATOR_VERSION = 1
@@ -694,7 +695,7 @@ def generate_world(cfg: WorldConfig, *, force: bool = False) -> WorldInfo:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m frame_dist.synthetic --config FILE [--force] key=value ...``"""
+    """``python -m frame_dist.ingest.synthetic --config FILE [--force] key=value ...``"""
     parser = argparse.ArgumentParser(description="Generate the synthetic micro-video world.")
     parser.add_argument("--config", help="YAML config file (defaults apply to missing fields)")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")

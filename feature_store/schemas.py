@@ -1,4 +1,4 @@
-"""Arrow schemas of every table in the feature store (ARCHITECTURE.md, "Data contracts").
+"""Arrow schemas of every table in the feature store (docs/architecture.md, "Data contracts").
 
 Defined once here; every writer builds its tables with these schemas and every reader checks
 them with :func:`conform`, which names the table and column of any mismatch.

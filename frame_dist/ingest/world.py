@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
+from feature_store.schemas import SCENES, TRUTH, conform
 from feature_store.store import Store
 from frame_dist.config import Config
-from frame_dist.schemas import SCENES, TRUTH, conform
 
 
 def prepare_world(cfg: Config, store: Store) -> Config:
@@ -17,7 +17,7 @@ def prepare_world(cfg: Config, store: Store) -> Config:
     and the ``scenes`` table (topic timeline of every video, for the case study) are committed
     to the store when the world changed.
     """
-    from frame_dist.synthetic import generate_world
+    from frame_dist.ingest.synthetic import generate_world
 
     info = generate_world(cfg.world)
     meta = {"world": info.meta_json.read_text()}

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 import torch
 
-from frame_dist.propagation import Adjacency, PropagationGraph, csr_tensor
+from frame_dist.model.propagation import Adjacency, PropagationGraph, csr_tensor
 
 Positives = Literal["full_watch", "watched_clips"]
 POSITIVES: tuple[str, ...] = ("full_watch", "watched_clips")

@@ -14,7 +14,8 @@ Weights (``ExtractConfig.weights``):
 - ``random``: torchvision's initialisation under ``torch.manual_seed(weights_seed)``, for tests
   and demos without pretrained weights (deterministic on a given torch version).
 
-Preprocessing: uint8 RGB frames (see :mod:`frame_dist.video`) / 255, then ImageNet mean and std.
+Preprocessing: uint8 RGB frames (see :mod:`frame_dist.extract.video`) / 255, then ImageNet mean and
+std.
 On CUDA the trunk runs in channels_last under bf16 autocast; on CPU in float32. Features are
 returned as float32 and stored as float16.
 """
@@ -30,8 +31,8 @@ import torch
 import torchvision
 from torch import nn
 
+from feature_store.schemas import FEATURE_DIM
 from frame_dist.config import ConfigError, ExtractConfig
-from frame_dist.schemas import FEATURE_DIM
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

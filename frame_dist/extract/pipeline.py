@@ -4,7 +4,8 @@ Pipeline (each arrow is a Ray Data operator; the driver only commits)::
 
     videos table, minus committed videos
       -> decode_videos       map_batches tasks (CPU), ``videos_per_decode_task`` videos each:
-                             G grid frames per video (frame_dist.video), failures become rows
+                             G grid frames per video (frame_dist.extract.video), failures become
+                             rows
       -> EncodeFrames        actor pool (``encoder_actors``; one GPU each when the cluster has
                              GPUs): the ResNet-50 trunk, loaded once per actor
       -> write_frame_parts   map_batches tasks: ``videos_per_commit`` videos per Parquet part,
@@ -48,9 +49,9 @@ from feature_store.frames import (
     write_extract_errors,
     write_frame_part,
 )
+from feature_store.schemas import FEATURE_DIM, VIDEOS, conform
 from feature_store.store import Part, Store
 from frame_dist.config import Config, ConfigError, ExtractConfig
-from frame_dist.schemas import FEATURE_DIM, VIDEOS, conform
 
 FAULT_ENV = "FRAME_DIST_FAULT_KILL_AFTER_COMMITS"
 COMMIT_MIN_INTERVAL_S = 2.0  # bounds manifest rewrites; a kill loses at most this much work
@@ -163,7 +164,7 @@ def decode_videos(batch: pa.Table, *, grid_size: int, image_size: int, threads: 
                   seek_min_frames: int, endpoint_url: str | None, region: str | None
                   ) -> pa.Table:
     """Ray Data task: videos (video_id, uri, duration_s) -> DECODED rows, failures included."""
-    from frame_dist.video import VideoDecodeError, decode_grid
+    from frame_dist.extract.video import VideoDecodeError, decode_grid
 
     ids = batch.column("video_id").to_pylist()
     uris = batch.column("uri").to_pylist()
@@ -199,7 +200,7 @@ class EncodeFrames:
     def __init__(self, extract_cfg: ExtractConfig, use_gpu: bool):
         import torch
 
-        from frame_dist.encoder import load_encoder
+        from frame_dist.extract.encoder import load_encoder
 
         self.cfg = extract_cfg
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -288,7 +289,7 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
     """
     import ray
 
-    from frame_dist.encoder import encoder_identity
+    from frame_dist.extract.encoder import encoder_identity
     from frame_dist.ray_runtime import cluster_has_gpus, init_ray
 
     start = time.monotonic()

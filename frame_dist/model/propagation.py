@@ -17,7 +17,8 @@ backward pass (torch's own CSR backward transposes the matrix on every call, ~4x
 
 The adjacency matrices are constants (no gradient); they live in :class:`Adjacency` (R~ and R~^T
 as torch sparse CSR) inside a :class:`PropagationGraph`, built from scipy matrices by
-``frame_dist.graph.to_torch``. Every helper here is vectorised torch (no Python loop per edge)
+``frame_dist.graph.clip_graph.to_torch``. Every helper here is vectorised torch (no Python loop per
+edge)
 and runs on CPU or CUDA.
 """
 

@@ -28,11 +28,11 @@ from frame_dist.config import (
     TrainConfig,
     bf16_activations,
 )
-from frame_dist.graph import Interactions, clip_labels
-from frame_dist.loss import FRAMETrainTask, HybridLoss, InteractionBatch
-from frame_dist.metrics import all_metrics
-from frame_dist.model import FRAME
-from frame_dist.propagation import LocalPropagation, PropagationGraph
+from frame_dist.graph.clip_graph import Interactions, clip_labels
+from frame_dist.model.frame import FRAME
+from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch
+from frame_dist.model.metrics import all_metrics
+from frame_dist.model.propagation import LocalPropagation, PropagationGraph
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Stage [score]: the top-K videos of every user, with Ray Data over user chunks.
 
-1. **Embeddings, once** (:func:`prepare_scoring`, ``frame_dist.embeddings.propagate_shards``).
+1. **Embeddings, once** (:func:`prepare_scoring`, ``frame_dist.score.embeddings.propagate_shards``).
    FRAME is rebuilt from ``<store>/runs/<train.run_name>/model.pt`` and propagated once over
    the committed graph for the run's N_c by one Ray task per shard (also for one shard), each
    holding only its shard and the clip features of its videos. A task computes its users' H_u
@@ -84,13 +84,13 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
+from feature_store.schemas import SCORES
 from feature_store.store import Part, Store, StoreError, open_filesystem
 from frame_dist.config import Config, ConfigError
-from frame_dist.embeddings import ShardUsers, propagate_shards, rebuild_model
-from frame_dist.graph import GraphError, IdMap
-from frame_dist.model import FRAME
-from frame_dist.partition import read_graph_manifest
-from frame_dist.schemas import SCORES
+from frame_dist.graph.clip_graph import GraphError, IdMap
+from frame_dist.graph.shards import read_graph_manifest
+from frame_dist.model.frame import FRAME
+from frame_dist.score.embeddings import ShardUsers, propagate_shards, rebuild_model
 
 SCORES_TABLE = "scores"
 FAULT_ENV = "FRAME_DIST_FAULT_KILL_AFTER_COMMITS"  # tests: SIGKILL the driver after n commits

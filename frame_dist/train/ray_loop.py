@@ -32,12 +32,12 @@ import torch.distributed as dist
 
 from feature_store.store import Store
 from frame_dist.config import Config, ConfigError, EvaluateConfig, from_dict
-from frame_dist.distributed import DistributedPropagation
-from frame_dist.metrics import all_metrics
-from frame_dist.model import FRAME
-from frame_dist.partition import check_graph, load_clip_features, load_shards
-from frame_dist.trainer import autocast_for, build_loss, build_model
-from frame_dist.worker_data import WorkerData, epoch_permutation
+from frame_dist.graph.shards import check_graph, load_clip_features, load_shards
+from frame_dist.model.distributed import DistributedPropagation
+from frame_dist.model.frame import FRAME
+from frame_dist.model.metrics import all_metrics
+from frame_dist.train.trainer import autocast_for, build_loss, build_model
+from frame_dist.train.worker_data import WorkerData, epoch_permutation
 
 STATE_TAG = "state"  # DeepSpeed checkpoint tag inside each Ray Train checkpoint
 BEST_FILE = "best_model.pt"
@@ -127,7 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         n_clips_total=manifest["n_videos"] * n_clips, propagation=propagation,
                         seed=cfg.train.seed, clip_features=table_init)
     del table_init
-    from frame_dist.loss import FRAMETrainTask
+    from frame_dist.model.loss import FRAMETrainTask
 
     task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model), data.clip_features,
                           data.graph)

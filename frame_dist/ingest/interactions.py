@@ -52,9 +52,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from feature_store.schemas import ERRORS, INTERACTIONS, VIDEOS, conform
 from feature_store.store import Store
 from frame_dist.config import Config, IngestConfig
-from frame_dist.schemas import ERRORS, INTERACTIONS, VIDEOS, conform
 
 # our column -> source column, and the unit of the time columns
 PRESETS: dict[str, tuple[dict[str, str], str]] = {

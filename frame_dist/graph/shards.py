@@ -1,6 +1,6 @@
 """Stage [graph N_c]: build R~^p and R~^n for one N_c and partition them into user shards.
 
-Each shard holds, for its users only (ARCHITECTURE.md "graph shards"):
+Each shard holds, for its users only (docs/architecture.md, "Graph shards"):
 
 * the rows of R~^p and R~^n (normalised with the degrees of the **whole** graph, eq. 6), with
   their columns renumbered into the shard's *local clip space*: the shard's videos (every video
@@ -8,7 +8,7 @@ Each shard holds, for its users only (ARCHITECTURE.md "graph shards"):
   v is local clip v * N_c + j, the same layout as the global clip order. A worker therefore
   needs the clip features of its own videos only, never the whole clip table;
 * ``video_ids``: the global video index of each local video (what the all-reduce of the
-  clip-side aggregation is keyed on, see ``frame_dist.distributed``);
+  clip-side aggregation is keyed on, see ``frame_dist.model.distributed``);
 * its users' interactions: training rows with their position in the global training order
   (so every worker can draw the same global batches and keep its own members) and the clip
   label ``watched``; validation and test rows with their full-watch labels.
@@ -52,7 +52,7 @@ from feature_store.frames import (
 )
 from feature_store.store import Store, StoreError, write_atomic
 from frame_dist.config import Config
-from frame_dist.graph import IdMap, build_graph, clip_labels, encode_interactions
+from frame_dist.graph.clip_graph import IdMap, build_graph, clip_labels, encode_interactions
 
 SPLITS = ("train", "valid", "test")
 LAYOUT = 2  # 2: user ids in Parquet (shard users files, the user id map), not in the manifest

@@ -1,0 +1,2 @@
+"""Stage [score]: per-shard embeddings, the fused top-K kernel and the Ray Data pipeline that scores
+every user into the scores table."""
