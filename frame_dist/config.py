@@ -10,6 +10,8 @@ Validation raises :class:`ConfigError` naming the field (``graph.n_clips``) and 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -228,6 +230,17 @@ def _non_negative(errors: list[str], name: str, value: float) -> None:
         errors.append(f"{name}={value!r} must be >= 0")
 
 
+# Names that become one path component of the store (runs/<run_name>, sweeps/<name>): letters,
+# digits, '.', '_' and '-', starting with a letter or digit (so never '.', '..' or hidden)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _name(errors: list[str], name: str, value: str) -> None:
+    if not NAME_PATTERN.fullmatch(value):
+        errors.append(f"{name}={value!r} must be a name of 1-128 letters, digits, '.', '_' or "
+                      "'-' starting with a letter or digit (it names a folder of the store)")
+
+
 def _validate_ranges(cfg: Config) -> None:
     e: list[str] = []
     w = cfg.world
@@ -301,8 +314,7 @@ def _validate_ranges(cfg: Config) -> None:
     if t.workers > g.n_shards:
         e.append(f"train.workers={t.workers} exceeds graph.n_shards={g.n_shards}: every worker "
                  "needs at least one shard")
-    if not t.run_name or "/" in t.run_name:
-        e.append(f"train.run_name={t.run_name!r} must be a non-empty name without '/'")
+    _name(e, "train.run_name", t.run_name)
 
     if not cfg.evaluate.ks or any(k <= 0 for k in cfg.evaluate.ks):
         e.append(f"evaluate.ks={list(cfg.evaluate.ks)} must be non-empty and positive")
@@ -323,8 +335,8 @@ def _validate_ranges(cfg: Config) -> None:
                  f"{divisors})")
     if len(set(sw.n_clips)) != len(sw.n_clips):
         e.append(f"sweep.n_clips={list(sw.n_clips)} lists an N_c twice")
-    if "/" in sw.name:
-        e.append(f"sweep.name={sw.name!r} must not contain '/'")
+    if sw.name:  # empty: the run name
+        _name(e, "sweep.name", sw.name)
     _non_negative(e, "plan.worker_memory_gb", cfg.plan.worker_memory_gb)
     _non_negative(e, "plan.gpu_memory_gb", cfg.plan.gpu_memory_gb)
     if not 0 < cfg.plan.shard_fraction <= 1:
@@ -475,14 +487,19 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return value
         raise ConfigError(f"{path} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        if not math.isfinite(number):  # no setting of frame-dist means anything at inf or nan
+            raise ConfigError(f"{path} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

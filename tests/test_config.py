@@ -99,3 +99,40 @@ def test_trainable_clip_features_need_visual_features():
 def test_precision_defaults_to_auto_and_takes_bf16():
     assert load_config().train.precision == "auto"  # bf16 on CUDA, fp32 on CPU
     assert load_config(None, ["train.precision=bf16"]).train.precision == "bf16"
+
+
+@pytest.mark.parametrize("override", [
+    "train.run_name=..", "train.run_name=.", "train.run_name=a/b", "train.run_name=.hidden",
+    "train.run_name=", "train.run_name=a b", r"train.run_name=a\b", "sweep.name=..",
+    "sweep.name=../x", "train.run_name=" + "x" * 129,
+])
+def test_names_that_would_leave_their_folder_are_refused(override):
+    field, value = override.split("=", 1)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert (f"{field}={value!r} must be a name of 1-128 letters, digits, '.', '_' or '-' "
+            "starting with a letter or digit") in str(err.value)
+
+
+def test_safe_names_are_accepted():
+    cfg = load_config(None, ["train.run_name=frame_nc8-v1.2", "sweep.name=Sweep_2"])
+    assert (cfg.train.run_name, cfg.sweep.name) == ("frame_nc8-v1.2", "Sweep_2")
+    assert load_config().sweep.name == ""  # empty: the run name
+
+
+@pytest.mark.parametrize("override", ["train.lr=inf", "train.lr=nan", "train.l2=-inf",
+                                      "ingest.max_watch_ratio=.inf", "model.a_neg=NaN"])
+def test_non_finite_numbers_are_refused(override):
+    field, value = override.split("=", 1)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"{field} must be a finite number, got" in str(err.value)
+
+
+def test_a_job_exits_2_on_a_bad_name(capsys):
+    from jobs import train as train_job
+
+    with pytest.raises(SystemExit) as exited:
+        train_job.main(["train.run_name=.."])
+    assert exited.value.code == 2
+    assert "train.run_name='..' must be a name" in capsys.readouterr().err
