@@ -1,16 +1,20 @@
-"""The Parquet feature store: tables of part files, committed by a manifest written last.
+"""The Parquet feature store: tables of part files, committed by versioned manifests.
 
 Layout under a root (a local path or ``s3://bucket/prefix``)::
 
-    <root>/tables/<name>/_manifest.json         committed state (written last, atomically)
+    <root>/tables/<name>/_manifests/<version>.json  one file per commit, created exactly once
+    <root>/tables/<name>/_manifest.json         a copy of the latest commit (people, old readers)
     <root>/tables/<name>/config.yaml            resolved config of the last commit
     <root>/tables/<name>/parts/<uuid>.parquet   part files (visible only once listed)
     <root>/<anything else>                      stage-specific files (graphs, runs, scores)
 
-Writers stage part files under unique names, then commit: the new manifest lists the committed
-parts and is written in one atomic step (a rename on local disks, a single PUT on S3). Readers
-look only at the manifest, so a writer killed midway leaves the table exactly as it was at its
-last commit; orphaned part files are harmless and removed by :meth:`Table.vacuum`.
+Writers stage part files under unique names, then commit: the manifest of version v + 1 lists
+the committed parts and is *created if absent* (a hard link of a finished temporary file on
+local disks, a conditional PUT ``If-None-Match: *`` on S3), so of two writers that read version v
+only one creates v + 1; the other re-reads and retries on top of it. No commit is lost, and none
+is half-written. Readers take the newest version file; a writer killed midway leaves the table
+as it was at its last commit; orphaned part files are harmless and removed by
+:meth:`Table.vacuum`. Every manifest read back is checked (docs/architecture.md, "Concurrency").
 
 Credentials for S3 come from the standard AWS environment variables or profile and are never
 written anywhere by the store.
@@ -18,9 +22,12 @@ written anywhere by the store.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
+import random
+import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -31,7 +38,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-MANIFEST = "_manifest.json"
+MANIFEST = "_manifest.json"  # a copy of the latest commit; readers trust _manifests/ first
+VERSIONS = "_manifests"  # <version:012d>.json, one per commit, each created exactly once
+KEEP_VERSIONS = 16  # older version files are deleted by the commit that makes them this old
+COMMIT_ATTEMPTS = 64  # a commit that loses the race this often in a row fails loudly
+PART_PATH = re.compile(r"parts/[A-Za-z0-9_-][A-Za-z0-9._-]*")  # no separators, no '..'
 
 
 class StoreError(RuntimeError):
@@ -106,8 +117,7 @@ class Store:
         write_atomic(self.fs, self.path(rel), data)
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self.path(rel), "rb") as f:
-            return f.read()
+        return self.fs.cat_file(self.path(rel))  # one GET on S3
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes_atomic(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
@@ -142,6 +152,39 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             f.write(data)
 
 
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; False when it already existed.
+
+    Readers never see a partial file: locally a finished temporary file is hard-linked into
+    place (``link`` fails on an existing name); on S3 one PUT with ``If-None-Match: *``.
+    """
+    parent = posixpath.dirname(path)
+    if _is_local(fs):
+        fs.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    try:
+        with fs.open(path, "xb") as f:  # s3fs: a conditional PUT (If-None-Match: *)
+            f.write(data)
+    except FileExistsError:
+        return False
+    except OSError as exc:  # a 412 that the S3 server did not label with its condition
+        if exc.errno == errno.EINVAL and "precondition" in str(exc).lower():
+            return False
+        raise
+    return True
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
@@ -156,16 +199,53 @@ class Table:
 
     # ---------------------------------------------------------------- state
     def manifest(self) -> dict[str, Any] | None:
-        """The committed manifest, or None when nothing was ever committed."""
-        path = posixpath.join(self.dir, MANIFEST)
+        """The latest committed manifest (checked), or None when nothing was ever committed."""
+        for _ in range(3):  # a version file pruned between listing and reading: list again
+            try:
+                return self._latest()[1]
+            except FileNotFoundError:
+                continue
+        return self._latest()[1]
+
+    def _latest(self) -> tuple[int, dict[str, Any] | None]:
+        copy = self._read_manifest(MANIFEST)  # older stores have only this file
+        best = copy["version"] if copy is not None else 0
+        versions = self._versions()
+        if versions and versions[-1] > best:
+            newest = self._read_manifest(posixpath.join(VERSIONS, _version_name(versions[-1])),
+                                         versions[-1])
+            if newest is None:
+                raise FileNotFoundError(versions[-1])
+            return versions[-1], newest
+        return best, copy
+
+    def _versions(self) -> list[int]:
+        """Committed version numbers present under _manifests/, ascending."""
+        path = posixpath.join(self.dir, VERSIONS)
         try:
-            with self.store.fs.open(path, "rb") as f:
-                return json.loads(f.read())
+            names = self.store.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            base = posixpath.basename(name.rstrip("/"))
+            if re.fullmatch(r"[0-9]{12}\.json", base):
+                out.append(int(base[:12]))
+        return sorted(out)
+
+    def _read_manifest(self, rel: str, version: int | None = None) -> dict[str, Any] | None:
+        path = posixpath.join(self.dir, rel)
+        uri = self.store.uri("tables", self.name, rel)
+        try:  # one GET (s3fs's file objects add If-Match, which fails while a writer replaces it)
+            raw = self.store.fs.cat_file(path)
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{self.store.uri('tables', self.name, MANIFEST)} is corrupt: {exc}"
-                             ) from exc
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{uri} is corrupt: {exc}") from exc
+        _check_manifest(manifest, uri, version)
+        return manifest
 
     def exists(self) -> bool:
         return self.manifest() is not None
@@ -199,24 +279,44 @@ class Table:
 
         ``metadata`` is merged into the manifest's metadata (``replace`` starts from empty).
         ``config`` (a :class:`frame_dist.config.Config`) is written beside the table as the
-        resolved config of this commit. Only one writer may commit to a table at a time.
+        resolved config of this commit. Concurrent writers never lose a commit: each one is
+        a new manifest version created if absent, retried on top of a version another writer
+        made first.
         """
-        current = self.manifest()
-        keep = current is not None and not replace
-        merged = dict(current.get("metadata", {})) if keep else {}
-        merged.update(metadata or {})
-        manifest = {
-            "table": self.name,
-            "version": (current or {}).get("version", 0) + 1,
-            "committed_at": time.time(),
-            "parts": (current["parts"] if keep else []) + [p.__dict__ for p in parts],
-            "metadata": merged,
-        }
+        for attempt in range(COMMIT_ATTEMPTS):
+            version, current = self._latest()
+            keep = current is not None and not replace
+            merged = dict(current.get("metadata", {})) if keep else {}
+            merged.update(metadata or {})
+            manifest = {
+                "table": self.name,
+                "version": version + 1,
+                "committed_at": time.time(),
+                "parts": (current["parts"] if keep else []) + [p.__dict__ for p in parts],
+                "metadata": merged,
+            }
+            data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            if create_exclusive(self.store.fs, posixpath.join(
+                    self.dir, VERSIONS, _version_name(version + 1)), data):
+                break
+            # another writer committed version + 1 first: build on top of it
+            time.sleep(random.uniform(0.0, min(0.5, 0.01 * 2 ** attempt)))
+        else:
+            raise StoreError(
+                f"commit to table {self.name!r} in {self.store.uri('tables', self.name)} lost "
+                f"the race to other writers {COMMIT_ATTEMPTS} times in a row; nothing of this "
+                "commit is visible (its staged parts are orphans). Is another job writing it?")
         if config is not None:
             write_atomic(self.store.fs, posixpath.join(self.dir, "config.yaml"),
                          config.to_yaml().encode())
-        write_atomic(self.store.fs, posixpath.join(self.dir, MANIFEST),
-                     json.dumps(manifest, indent=1, sort_keys=True).encode())
+        # the copy for people and older readers; it may lag behind under concurrent commits
+        write_atomic(self.store.fs, posixpath.join(self.dir, MANIFEST), data)
+        for old in self._versions():
+            if old <= version + 1 - KEEP_VERSIONS:
+                try:
+                    self.store.fs.rm(posixpath.join(self.dir, VERSIONS, _version_name(old)))
+                except FileNotFoundError:  # another writer pruned it
+                    pass
 
     def write(self, table: pa.Table, metadata: dict[str, Any] | None = None,
               config: Any | None = None) -> None:
@@ -254,3 +354,39 @@ class Table:
                 raise StoreError(f"table {self.name!r} is committed but empty")
             return schema.empty_table() if cols is None else schema.empty_table().select(cols)
         return pa.concat_tables(tables, promote_options="default")
+
+
+def _version_name(version: int) -> str:
+    return f"{version:012d}.json"
+
+
+def _check_manifest(manifest: Any, uri: str, version: int | None) -> None:
+    """Refuse a manifest that is not what a commit writes, naming the file and the field."""
+    def bad(field: str, why: str) -> StoreError:
+        return StoreError(f"{uri}: field {field!r} {why}; the file was not written by a "
+                          "frame-dist commit (restore it, or delete the table to rebuild it)")
+
+    if not isinstance(manifest, dict):
+        raise bad("(top level)", f"must be a JSON object, got {type(manifest).__name__}")
+    v = manifest.get("version")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise bad("version", f"must be a positive integer, got {v!r}")
+    if version is not None and v != version:
+        raise bad("version", f"is {v} in the file of version {version}")
+    if not isinstance(manifest.get("metadata", {}), dict):
+        raise bad("metadata", "must be an object")
+    parts = manifest.get("parts")
+    if not isinstance(parts, list):
+        raise bad("parts", f"must be a list, got {type(parts).__name__}")
+    for i, part in enumerate(parts):
+        where = f"parts[{i}]"
+        if not isinstance(part, dict) or set(part) - {"path", "rows", "meta"}:
+            raise bad(where, "must be an object with path, rows and meta")
+        path = part.get("path")
+        if not isinstance(path, str) or not PART_PATH.fullmatch(path):
+            raise bad(f"{where}.path", f"must name a file directly under parts/, got {path!r}")
+        rows = part.get("rows")
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+            raise bad(f"{where}.rows", f"must be a non-negative integer, got {rows!r}")
+        if not isinstance(part.get("meta", {}), dict):
+            raise bad(f"{where}.meta", "must be an object")

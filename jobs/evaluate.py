@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from feature_store.lease import StageLease
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
@@ -21,12 +22,14 @@ from frame_dist.evaluate.report import write_report
 
 def evaluate(cfg: Config) -> dict:
     store = Store.from_config(cfg.store)
-    test = load_test_split(store, cfg.train.run_name)  # read once: metrics and case study
-    result = evaluate_run(cfg, store, test)
+    with StageLease(store, f"evaluate-{cfg.train.run_name}"):
+        test = load_test_split(store, cfg.train.run_name)  # read once: metrics and case study
+        result = evaluate_run(cfg, store, test)
+        report = write_report(cfg, store, result, test)
     print(f"evaluate: run {result['run']} (N_c={result['n_clips']}), "
           f"{result['model']['n']} test interactions")
     print(metrics_table(result))
-    print(f"report: {write_report(cfg, store, result, test)}")
+    print(f"report: {report}")
     return result
 
 

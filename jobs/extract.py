@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 
+from feature_store.lease import StageLease
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
@@ -23,8 +24,10 @@ from frame_dist.ray_runtime import init_ray
 
 
 def extract(cfg: Config) -> ExtractSummary:
-    init_ray()
-    return run_extract(cfg, Store.from_config(cfg.store))
+    store = Store.from_config(cfg.store)
+    with StageLease(store, "extract"):  # one extraction per store at a time
+        init_ray()
+        return run_extract(cfg, store)
 
 
 def main(argv: list[str] | None = None) -> int:

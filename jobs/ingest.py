@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from feature_store.lease import StageLease
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
@@ -21,12 +22,13 @@ from frame_dist.ingest.world import prepare_world
 
 def ingest(cfg: Config) -> None:
     store = Store.from_config(cfg.store)
-    if not cfg.ingest.interactions:
-        prepare_world(cfg, store)
-    if ingest_is_current(cfg, store):
-        print("ingest: skipped (sources and settings unchanged since the last commit)")
-        return
-    print(run_ingest(cfg, store))
+    with StageLease(store, "ingest"):  # one ingest per store at a time
+        if not cfg.ingest.interactions:
+            prepare_world(cfg, store)
+        if ingest_is_current(cfg, store):
+            print("ingest: skipped (sources and settings unchanged since the last commit)")
+            return
+        print(run_ingest(cfg, store))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 
+from feature_store.lease import StageLease
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
@@ -27,7 +28,9 @@ from frame_dist.score.pipeline import ScoreSummary, run_scoring
 def score(cfg: Config) -> ScoreSummary:
     # refuses a missing run / graph / candidate file first; propagates and joins Ray
     # (init_ray) only when chunks are left to score; every setting comes from cfg.score
-    return run_scoring(cfg, Store.from_config(cfg.store))
+    store = Store.from_config(cfg.store)
+    with StageLease(store, "score"):  # one writer of the scores table at a time
+        return run_scoring(cfg, store)
 
 
 def main(argv: list[str] | None = None) -> int:
