@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,8 +29,9 @@ def parse_config(description: str, argv: Sequence[str] | None = None) -> Config:
         raise SystemExit(EXIT_CONFIG) from exc
 
 
-def run_stage(stage: str, fn: Callable[[], object]) -> int:
-    """Run one stage; on failure print ``stage <name> failed: <cause>`` and return EXIT_FAILED."""
+def run_stage(stage: str, fn: Callable[[], object], cfg: Config | None = None) -> int:
+    """Run one stage; on failure print ``stage <name> failed: <cause>`` and where the full
+    traceback was written (``<store>/logs/<stage>/`` of ``cfg``), and return EXIT_FAILED."""
     try:
         fn()
     except (ConfigError, EncoderIdentityError) as exc:
@@ -37,8 +39,38 @@ def run_stage(stage: str, fn: Callable[[], object]) -> int:
         return EXIT_CONFIG
     except Exception as exc:  # noqa: BLE001 - the job's contract is a one-line cause + exit code
         print(f"stage {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        import traceback
-
-        traceback.print_exc()
+        print(f"stage {stage}: full traceback in {failure_log(stage, cfg)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def failure_log(stage: str, cfg: Config | None) -> str:
+    """Write the current exception's traceback to the stage's log file; return its location.
+
+    In the store (``logs/<stage>/<time>-<host>-<pid>.log``) when ``cfg`` names one and it can
+    be written, else in this machine's temporary directory (the store may be the cause).
+    """
+    import socket
+    import tempfile
+    import time
+    import traceback
+
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}.log"
+    text = (f"stage {stage} failed at {time.strftime('%Y-%m-%d %H:%M:%S %z')} on "
+            f"{socket.gethostname()} (pid {os.getpid()})\ncommand: {' '.join(sys.argv)}\n\n"
+            + traceback.format_exc())
+    problem = ""
+    if cfg is not None:
+        try:
+            from feature_store.store import Store
+
+            store = Store.from_config(cfg.store)
+            store.write_text(f"logs/{stage}/{name}", text)
+            return store.uri("logs", stage, name)
+        except Exception as exc:  # noqa: BLE001 - fall back to a local file, say why
+            problem = f" (the store could not take it: {type(exc).__name__})"
+    path = os.path.join(tempfile.gettempdir(), "frame-dist-logs", stage, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path + problem

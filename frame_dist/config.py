@@ -343,6 +343,9 @@ def _validate_ranges(cfg: Config) -> None:
         e.append(f"plan.shard_fraction={cfg.plan.shard_fraction} must be in (0, 1]")
     if not cfg.store.root:
         e.append("store.root must be set (a local path or s3://bucket/prefix)")
+    elif "://" in cfg.store.root and not cfg.store.root.startswith(("s3://", "file://")):
+        e.append(f"store.root={cfg.store.root!r}: only local paths, file:// and s3:// URIs are "
+                 "supported")
     if e:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(e))
 

@@ -35,7 +35,7 @@ def evaluate(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(__doc__.splitlines()[0], argv)
-    return run_stage("evaluate", lambda: evaluate(cfg))
+    return run_stage("evaluate", lambda: evaluate(cfg), cfg)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def extract(cfg: Config) -> ExtractSummary:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(__doc__.splitlines()[0], argv)
-    return run_stage("extract", lambda: extract(cfg))
+    return run_stage("extract", lambda: extract(cfg), cfg)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def ingest(cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(__doc__.splitlines()[0], argv)
-    return run_stage("ingest", lambda: ingest(cfg))
+    return run_stage("ingest", lambda: ingest(cfg), cfg)
 
 
 if __name__ == "__main__":

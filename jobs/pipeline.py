@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in stages(cfg):
         t0 = time.perf_counter()
         print(f"== stage {name}", flush=True)
-        rc = run_stage(name, fn)
+        rc = run_stage(name, fn, cfg)
         if rc != EXIT_OK:
             print(f"pipeline stopped: stage {name} failed (exit code {rc})", file=sys.stderr)
             return rc

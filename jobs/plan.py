@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - fall back to this machine's memory
             print(f"plan: no Ray cluster at RAY_ADDRESS ({exc}); budget from this machine",
                   file=sys.stderr)
-    return run_stage("plan", lambda: print_plan(cfg))
+    return run_stage("plan", lambda: print_plan(cfg), cfg)
 
 
 if __name__ == "__main__":

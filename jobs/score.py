@@ -35,7 +35,7 @@ def score(cfg: Config) -> ScoreSummary:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(__doc__.splitlines()[0], argv)
-    return run_stage("score", lambda: score(cfg))
+    return run_stage("score", lambda: score(cfg), cfg)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def sweep(cfg: Config) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(__doc__.splitlines()[0], argv)
-    return run_stage("sweep", lambda: sweep(cfg))
+    return run_stage("sweep", lambda: sweep(cfg), cfg)
 
 
 if __name__ == "__main__":
