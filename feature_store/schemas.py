@@ -26,7 +26,7 @@ INTERACTIONS = pa.schema([
     pa.field("watch_ratio", pa.float64(), nullable=False),  # r = play / duration, capped
     pa.field("full_watch", pa.bool_(), nullable=False),  # r >= 1 - tolerance
     pa.field("timestamp", pa.int64(), nullable=False),  # source order when the source has none
-    pa.field("split", pa.string(), nullable=False),  # "train" or "test"
+    pa.field("split", pa.string(), nullable=False),  # "train", "valid" or "test"
     pa.field("source_row", pa.int64(), nullable=False),  # 1-based record number in the source
 ])
 

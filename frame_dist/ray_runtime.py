@@ -1,8 +1,23 @@
-"""Connecting to Ray: the cluster a job runs in, or a local instance when there is none."""
+"""Connecting to Ray: the cluster a job runs in, or a local instance when there is none.
+
+What a local instance listens on (Ray 2.60; docs/cluster.md, "A local instance"): the
+dashboard and the job API on 127.0.0.1 only; Ray's gRPC servers (GCS, raylet, object manager,
+every worker) on all interfaces -- this Ray cannot bind them to one address -- and they refuse
+callers without the cluster's token (RAY_AUTH_MODE=token, Ray's default here). Each local
+instance is addressed explicitly (its own dashboard port, passed to its workers), so two jobs
+on one machine never reach each other's instance, and the processes a local instance started
+are recorded, so that a driver killed with SIGKILL does not leave Ray's agents behind: the next
+local start on this machine ends exactly those processes.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import tempfile
+import time
 
 # Ray Train's controller polls its workers this often (Ray's default: 2 s). Every report, the
 # end of a run and its start wait for a poll, which makes a small run on one machine ~10 s
@@ -24,9 +39,11 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     ``ray job submit`` sets ``RAY_ADDRESS`` for the job's driver, so submitted jobs run on their
     cluster; on a cluster node, ``RAY_ADDRESS=auto python -m jobs.X`` joins the node's cluster.
-    Without it a fresh local instance starts, bound to 127.0.0.1 (its dashboard, which Ray
-    Train's state queries use, listens on 127.0.0.1 only): never another user's cluster that
-    happens to run on the same machine. A local instance gets :data:`LOCAL_RAY_ENV`.
+    Without it a fresh local instance starts on 127.0.0.1 (its dashboard, which Ray Train's
+    state queries use, listens on 127.0.0.1 only; module docstring for the rest), addressed
+    explicitly: never another user's cluster or job that happens to run on the same machine.
+    Leftovers of killed local drivers are ended first. A local instance gets
+    :data:`LOCAL_RAY_ENV`.
     """
     import ray
 
@@ -36,8 +53,98 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     use_local_ray_env()
+    reap_leftovers()
+    port = _free_port()
+    # Ray's state API (Ray Train's PlacementGroupCleaner uses it inside the instance) finds its
+    # server through RAY_API_SERVER_ADDRESS, else by scanning for "the" local instance, which
+    # fails as soon as two jobs run on one machine: name this instance's dashboard explicitly.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+             dashboard_host="127.0.0.1", dashboard_port=port, _node_ip_address="127.0.0.1",
+             log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    record_local_instance()
+
+
+# --------------------------------------------------------------------------- leftovers
+
+# one file per local driver (FRAME_DIST_RAY_RECORDS: another folder, for tests)
+RECORDS = os.environ.get("FRAME_DIST_RAY_RECORDS") or os.path.join(tempfile.gettempdir(),
+                                                                    "frame-dist-ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def record_local_instance() -> str:
+    """Record the processes this driver's local instance started (pid + start time)."""
+    import psutil
+
+    me = psutil.Process()
+    procs = [{"pid": p.pid, "started": p.create_time(), "name": p.name()}
+             for p in me.children(recursive=True)]
+    os.makedirs(RECORDS, exist_ok=True)
+    path = os.path.join(RECORDS, f"{me.pid}.json")
+    with open(path, "w") as f:
+        json.dump({"driver": me.pid, "driver_started": me.create_time(), "processes": procs}, f)
+    return path
+
+
+def reap_leftovers(grace_s: float = 3.0) -> list[int]:
+    """End the processes recorded by local drivers of this machine that are gone (killed).
+
+    Only processes that this project's drivers started are touched: each recorded pid must
+    still have its recorded start time (a reused pid is left alone). Returns the ended pids.
+    """
+    import psutil
+
+    if not os.path.isdir(RECORDS):
+        return []
+    ended: list[int] = []
+    for name in os.listdir(RECORDS):
+        path = os.path.join(RECORDS, name)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            driver_alive = _same_process(record["driver"], record["driver_started"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # another driver is writing it, or it is not ours
+        if driver_alive:
+            continue
+        victims = [p["pid"] for p in record["processes"] if _same_process(p["pid"], p["started"])]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        for pid in victims:
+            try:
+                psutil.Process(pid).wait(timeout=max(0.0, deadline - time.time()))
+            except psutil.TimeoutExpired:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            except psutil.NoSuchProcess:
+                pass
+        ended += victims
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return ended
+
+
+def _same_process(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1e-3
+    except psutil.NoSuchProcess:
+        return False
 
 
 def cluster_has_gpus() -> bool:
