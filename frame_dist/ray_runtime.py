@@ -79,24 +79,29 @@ def _free_port() -> int:
 
 
 def record_local_instance() -> str:
-    """Record the processes this driver's local instance started (pid + start time)."""
+    """Record the processes this driver's local instance started (pid + start time) and its
+    session directory (unique to the instance: agents the raylet starts later name it)."""
     import psutil
+    import ray
 
     me = psutil.Process()
     procs = [{"pid": p.pid, "started": p.create_time(), "name": p.name()}
              for p in me.children(recursive=True)]
+    session = ray._private.worker._global_node.get_session_dir_path()
     os.makedirs(RECORDS, exist_ok=True)
     path = os.path.join(RECORDS, f"{me.pid}.json")
     with open(path, "w") as f:
-        json.dump({"driver": me.pid, "driver_started": me.create_time(), "processes": procs}, f)
+        json.dump({"driver": me.pid, "driver_started": me.create_time(), "session": session,
+                   "processes": procs}, f)
     return path
 
 
 def reap_leftovers(grace_s: float = 3.0) -> list[int]:
     """End the processes recorded by local drivers of this machine that are gone (killed).
 
-    Only processes that this project's drivers started are touched: each recorded pid must
-    still have its recorded start time (a reused pid is left alone). Returns the ended pids.
+    Only processes that this project's drivers started are touched: a recorded pid that still
+    has its recorded start time (a reused pid is left alone), or a process of this user whose
+    command line names the dead instance's own session directory. Returns the ended pids.
     """
     import psutil
 
@@ -114,6 +119,7 @@ def reap_leftovers(grace_s: float = 3.0) -> list[int]:
         if driver_alive:
             continue
         victims = [p["pid"] for p in record["processes"] if _same_process(p["pid"], p["started"])]
+        victims += [pid for pid in _session_processes(record.get("session")) if pid not in victims]
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -136,6 +142,24 @@ def reap_leftovers(grace_s: float = 3.0) -> list[int]:
         except FileNotFoundError:
             pass
     return ended
+
+
+def _session_processes(session: str | None) -> list[int]:
+    """Pids of this user's processes whose command line names ``session`` (a session dir)."""
+    import psutil
+
+    if not session or "session_" not in session:
+        return []
+    out = []
+    for proc in psutil.process_iter(["pid", "uids", "cmdline"]):
+        try:
+            if proc.info["uids"] and proc.info["uids"].real != os.getuid():
+                continue
+            if any(session in arg for arg in proc.info["cmdline"] or ()):
+                out.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return [pid for pid in out if pid != os.getpid()]
 
 
 def _same_process(pid: int, started: float) -> bool:

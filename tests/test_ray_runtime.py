@@ -3,6 +3,7 @@ are ended by the next start, and two jobs' local instances on one machine do not
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,6 +56,8 @@ def test_a_killed_drivers_ray_processes_are_ended_by_the_next_start(tmp_path, mo
     record = tmp_path / "rec" / f"{driver.pid}.json"
     assert record.exists()
     children = driver_children = psutil.Process(driver.pid).children(recursive=True)
+    session = json.loads(record.read_text())["session"]
+    assert "/session_" in session and ray_runtime._session_processes(session)
     assert children, "the local instance started no process?"
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -64,6 +67,8 @@ def test_a_killed_drivers_ray_processes_are_ended_by_the_next_start(tmp_path, mo
     ended = ray_runtime.reap_leftovers()
     assert set(lingering) <= set(ended)
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    # agents the raylet started after the record was written name the session: gone too
+    assert ray_runtime._session_processes(session) == []
     assert not record.exists()
 
 
