@@ -7,7 +7,12 @@ import pytest
 from feature_store.schemas import INTERACTIONS
 from feature_store.store import Store
 from frame_dist.config import load_config
-from frame_dist.ingest.interactions import IngestError, run_ingest, time_split
+from frame_dist.ingest.interactions import (
+    IngestError,
+    run_ingest,
+    time_split,
+    validate_interactions,
+)
 
 
 @pytest.fixture
@@ -24,6 +29,22 @@ def _videos(tmp_path, ids=("a", "b", "c")):
 
 def _cfg(*overrides):
     return load_config(None, list(overrides))
+
+
+def _fail_message(lines):
+    """The IngestError text of policy bad_rows=fail for these listed bad rows."""
+    return (f"{len(lines)} bad row(s) (policy bad_rows=fail; set ingest.bad_rows=quarantine to "
+            "ingest the good rows and keep these in the ingest_errors table):\n  "
+            + "\n  ".join(lines))
+
+
+def _errors(store):
+    return [(e["row"], e["field"], e["reason"])
+            for e in store.table("ingest_errors").read().to_pylist()]
+
+
+def _nothing_committed(store):
+    return not any(store.table(t).exists() for t in ("interactions", "videos", "ingest_errors"))
 
 
 def test_frame_preset_ratio_cap_and_full_watch(tmp_path, store):
@@ -64,7 +85,35 @@ def test_kuairec_preset(tmp_path, store):
     run_ingest(_cfg("ingest.preset=kuairec"), store, str(inter), str(_videos(tmp_path)))
     t = store.table("interactions").read().to_pandas()
     assert t["watch_ratio"].tolist() == [0.25]
-    assert t["timestamp"].tolist() == [1593878903]
+    # KuaiRec timestamps are seconds with millisecond decimals: kept exactly, as milliseconds
+    assert t["timestamp"].tolist() == [1593878903438]
+
+
+@pytest.mark.parametrize("policy", ["fail", "quarantine"])
+def test_kuairec_timestamps_are_exact_milliseconds(tmp_path, store, policy):
+    rng = np.random.default_rng(0)
+    seconds = rng.integers(1_500_000_000, 1_700_000_000, 2000)
+    millis = rng.integers(0, 1000, 2000)
+    inter = tmp_path / "k.csv"
+    inter.write_text("user_id,video_id,play_duration,video_duration,timestamp\n" + "".join(
+        f"u{i},a,1,2,{s}.{m:03d}\n" for i, (s, m) in enumerate(zip(seconds, millis))))
+    run_ingest(_cfg("ingest.preset=kuairec", f"ingest.bad_rows={policy}"), store, str(inter),
+               str(_videos(tmp_path)))
+    t = store.table("interactions").read().to_pandas()
+    assert t["timestamp"].tolist() == (seconds * 1000 + millis).tolist()
+
+    with inter.open("a") as f:
+        f.write("u1,b,1,2,1593878903.4385\n")  # record 2001: finer than a millisecond
+    reason = "timestamp timestamp is not a whole number of milliseconds: '1593878903.4385'"
+    cfg = _cfg("ingest.preset=kuairec", f"ingest.bad_rows={policy}")
+    if policy == "fail":
+        with pytest.raises(IngestError) as err:
+            run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+        assert str(err.value) == _fail_message([f"{inter} row 2001: {reason}"])
+    else:
+        run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+        assert _errors(store) == [(2001, "timestamp", reason)]
+        assert store.table("interactions").read().num_rows == 2000
 
 
 def test_custom_mapping_and_missing_column_message(tmp_path, store):
@@ -188,3 +237,266 @@ def test_time_split_small_cases():
     # two interactions: one test, none left for valid (train keeps one)
     two = pd.DataFrame({"user_id": ["c", "c"], "timestamp": [1, 2], "source_row": [1, 2]})
     assert time_split(two, 0.2, 2, valid_fraction=0.3).tolist() == ["train", "test"]
+
+
+# --------------------------------------------------------------------------- data is never changed
+
+
+HEADER = "user_id,video_id,play_time_s,duration_s,timestamp\n"
+POLICIES = pytest.mark.parametrize("policy", ["fail", "quarantine"])
+
+
+@POLICIES
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_ids_stay_text_with_a_byte_order_mark(tmp_path, store, policy, suffix):
+    inter = tmp_path / f"bom{suffix}"
+    sep = "\t" if suffix == ".tsv" else ","
+    rows = [HEADER.strip(), "007,a,5,10,1", "7,a,5,10,1", "7.0,b,5,10,2"]
+    inter.write_bytes(b"\xef\xbb\xbf" + "".join(r.replace(",", sep) + "\n" for r in rows).encode())
+    summary = run_ingest(_cfg(f"ingest.bad_rows={policy}", "ingest.min_user_interactions=9"),
+                         store, str(inter), str(_videos(tmp_path)))
+    t = store.table("interactions").read().to_pandas()
+    assert t["user_id"].tolist() == ["007", "7", "7.0"]
+    assert (summary.users, summary.quarantined) == (3, 0)
+    assert _errors(store) == []
+
+
+@POLICIES
+def test_parquet_integer_ids_become_decimal_text_and_float_ids_are_refused(tmp_path, store,
+                                                                            policy):
+    inter = tmp_path / "i.parquet"
+    data = {"user_id": pa.array([7, 12], pa.int32()), "video_id": pa.array([1, 2], pa.uint64()),
+            "play_time_s": [1.0, 2.0], "duration_s": [2.0, 2.0], "timestamp": [1, 2]}
+    pq.write_table(pa.table(data), inter)
+    cfg = _cfg(f"ingest.bad_rows={policy}")
+    run_ingest(cfg, store, str(inter), str(_videos(tmp_path, ids=("1", "2"))))
+    t = store.table("interactions").read().to_pandas()
+    assert (t["user_id"].tolist(), t["video_id"].tolist()) == (["7", "12"], ["1", "2"])
+
+    pq.write_table(pa.table({**data, "user_id": [7.0, 12.0]}), inter)
+    with pytest.raises(IngestError) as err:
+        run_ingest(cfg, store, str(inter), str(_videos(tmp_path, ids=("1", "2"))))
+    assert str(err.value) == (f"{inter}: id column 'user_id' has type double; ids must be text "
+                              "or integers")
+
+
+DUPLICATES = (HEADER
+              + "u1,a,5,10,1\n"     # 1
+              "u1,b,5,10,2\n"       # 2
+              "u1,a,5,10,1\n"       # 3 copy of 1
+              "u1,a,NaN,10,3\n"     # 4 bad: its key is free for row 5
+              "u1,a,7,10,3\n"       # 5 good
+              "u1,a,8,10,1\n"       # 6 copy of 1 (another play time: still the same view)
+              "u1,a,5,10,3\n")      # 7 copy of 5
+DUPLICATE_ERRORS = [
+    (3, None, "duplicate of row 1 (same user, video and timestamp)"),
+    (4, "play_time_s", "play time play_time_s is missing or NaN"),
+    (6, None, "duplicate of row 1 (same user, video and timestamp)"),
+    (7, None, "duplicate of row 5 (same user, video and timestamp)"),
+]
+
+
+@POLICIES
+def test_duplicate_rows_are_bad_rows(tmp_path, store, policy):
+    inter = tmp_path / "dup.csv"
+    inter.write_text(DUPLICATES)
+    cfg = _cfg(f"ingest.bad_rows={policy}", "ingest.min_user_interactions=2",
+               "ingest.test_fraction=0.4")
+    if policy == "fail":
+        with pytest.raises(IngestError) as err:
+            run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+        assert str(err.value) == _fail_message(
+            [f"{inter} row {row}: {reason}" for row, _, reason in DUPLICATE_ERRORS])
+        assert _nothing_committed(store)
+        return
+    summary = run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+    assert _errors(store) == DUPLICATE_ERRORS
+    t = store.table("interactions").read().to_pandas()
+    assert t["source_row"].tolist() == [1, 2, 5]  # one copy of each view, in one split only
+    assert t["split"].tolist() == ["train", "valid", "test"]
+    assert (summary.ingested, summary.quarantined) == (3, 4)
+
+
+TIMESTAMPS = (HEADER
+              + "u1,a,5,10,1e30\n"                     # 1 beyond int64
+              "u1,a,5,10,1.7\n"                        # 2 fractional
+              "u1,a,5,10,inf\n"                        # 3
+              "u1,a,5,10,4611686018427387904\n"        # 4 2**62
+              "u1,a,5,10,-4611686018427387903\n"       # 5 good: -(2**62 - 1), exactly
+              "u1,b,5,10,4611686018427387903\n"        # 6 good: 2**62 - 1, exactly
+              "u1,c,5,10,1.5e3\n"                      # 7 good: 1500
+              "u1,a,inf,10,8\n"                        # 8
+              "u1,a,5,inf,9\n"                         # 9
+              "u1,a,5,-inf,10\n"                       # 10
+              "u1,a,-inf,10,11\n"                      # 11
+              "u1,a,5,10,1x\n"                         # 12
+              "u1,a,5,10,4611686018427387903.5\n"      # 13 fractional beyond a float's digits
+              "u1,a,5,10,\n")                          # 14
+TIMESTAMP_ERRORS = [
+    (1, "timestamp", "timestamp timestamp is out of range (|t| >= 2**62): '1e30'"),
+    (2, "timestamp", "timestamp timestamp is not a whole number: '1.7'"),
+    (3, "timestamp", "timestamp timestamp is infinite: 'inf'"),
+    (4, "timestamp", "timestamp timestamp is out of range (|t| >= 2**62): "
+                     "'4611686018427387904'"),
+    (8, "play_time_s", "play time play_time_s is infinite"),
+    (9, "duration_s", "duration duration_s is infinite"),
+    (10, "duration_s", "duration duration_s is infinite"),
+    (11, "play_time_s", "play time play_time_s is infinite"),
+    (12, "timestamp", "timestamp timestamp is not a number: '1x'"),
+    (13, "timestamp", "timestamp timestamp is not a whole number: '4611686018427387903.5'"),
+    (14, "timestamp", "timestamp timestamp is missing or NaN"),
+]
+
+
+@POLICIES
+def test_timestamps_and_times_are_range_checked(tmp_path, store, policy):
+    inter = tmp_path / "ts.csv"
+    inter.write_text(TIMESTAMPS)
+    cfg = _cfg(f"ingest.bad_rows={policy}", "ingest.min_user_interactions=9")
+    if policy == "fail":
+        with pytest.raises(IngestError) as err:
+            run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+        assert str(err.value) == _fail_message(
+            [f"{inter} row {row}: {reason}" for row, _, reason in TIMESTAMP_ERRORS])
+        assert _nothing_committed(store)
+        return
+    run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+    assert _errors(store) == TIMESTAMP_ERRORS
+    t = store.table("interactions").read().to_pandas()
+    assert t["source_row"].tolist() == [5, 6, 7]
+    assert t["timestamp"].tolist() == [-(2**62 - 1), 2**62 - 1, 1500]
+
+
+def _parquet_interactions(path, timestamps):
+    n = len(timestamps)
+    pq.write_table(pa.table({"user_id": ["u"] * n, "video_id": ["a", "b", "c", "a", "b", "c"][:n],
+                             "play_time_s": [1.0] * n, "duration_s": [2.0] * n,
+                             "timestamp": timestamps}), path)
+
+
+@POLICIES
+@pytest.mark.parametrize("typ", [pa.timestamp("s"), pa.timestamp("ms"), pa.timestamp("us"),
+                                 pa.timestamp("ns", tz="UTC"), pa.date32(), pa.date64()])
+def test_typed_parquet_timestamps_convert_in_their_own_unit(tmp_path, store, policy, typ):
+    ints = pa.int32() if typ == pa.date32() else pa.int64()
+    day = 86_400_000 if typ == pa.date64() else 1  # date64 counts ms of whole days
+    column = pa.array([5 * day, 3 * day, None], ints).cast(typ)
+    cfg = _cfg(f"ingest.bad_rows={policy}", "ingest.min_user_interactions=2",
+               "ingest.test_fraction=0.5")
+    # in memory: the column's own unit
+    table = pa.table({"user_id": ["u"] * 3, "video_id": ["a", "b", "c"],
+                      "play_time_s": [1.0] * 3, "duration_s": [2.0] * 3, "timestamp": column})
+    frame, errors = validate_interactions(table, cfg.ingest, np.array(["a", "b", "c"]), "mem")
+    assert frame["timestamp"].tolist() == [5 * day, 3 * day]
+    assert errors.column("reason").to_pylist() == ["timestamp timestamp is missing"]
+    # through Parquet, which stores seconds as milliseconds and every date as days
+    inter = tmp_path / "typed.parquet"
+    _parquet_interactions(inter, column)
+    expected = [5000, 3000] if typ == pa.timestamp("s") else [5, 3]
+    if policy == "fail":
+        with pytest.raises(IngestError) as err:
+            run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+        assert str(err.value) == _fail_message([f"{inter} row 3: timestamp timestamp is missing"])
+        assert _nothing_committed(store)
+        return
+    run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+    assert _errors(store) == [(3, "timestamp", "timestamp timestamp is missing")]
+    t = store.table("interactions").read().to_pandas()
+    assert t["timestamp"].tolist() == expected
+    assert t["split"].tolist() == ["test", "train"]  # ordered by time, not by row
+
+
+@POLICIES
+@pytest.mark.parametrize("column, good, reasons", [
+    (pa.array([2**62, -(2**62), 2**62 - 1, None], pa.int64()), [2**62 - 1], [
+        (1, "timestamp timestamp is out of range (|t| >= 2**62): 4611686018427387904"),
+        (2, "timestamp timestamp is out of range (|t| >= 2**62): -4611686018427387904"),
+        (4, "timestamp timestamp is missing")]),
+    (pa.array([2**64 - 1, 7], pa.uint64()), [7], [
+        (1, "timestamp timestamp is out of range (|t| >= 2**62): 18446744073709551615")]),
+    (pa.array([2.0, 1.5, float("inf"), float("nan"), 1e19, -3.0]), [2, -3], [
+        (2, "timestamp timestamp is not a whole number: 1.5"),
+        (3, "timestamp timestamp is infinite: inf"),
+        (4, "timestamp timestamp is missing or NaN"),
+        (5, "timestamp timestamp is out of range (|t| >= 2**62): 1e+19")]),
+])
+def test_numeric_parquet_timestamps(tmp_path, store, policy, column, good, reasons):
+    inter = tmp_path / "n.parquet"
+    _parquet_interactions(inter, column)
+    cfg = _cfg(f"ingest.bad_rows={policy}", "ingest.min_user_interactions=9")
+    if policy == "fail":
+        with pytest.raises(IngestError) as err:
+            run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+        assert str(err.value) == _fail_message([f"{inter} row {r}: {m}" for r, m in reasons])
+        return
+    run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+    assert _errors(store) == [(r, "timestamp", m) for r, m in reasons]
+    assert store.table("interactions").read().column("timestamp").to_pylist() == good
+
+
+def _latin1_message(path, offset, line, context):
+    return (f"{path}: not UTF-8: byte 0xe9 at offset {offset} (line {line}, data row {line - 1}) "
+            f"in {context}. Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 "
+            f"{path.name} > {path.stem}.utf8{path.suffix}` (with -f naming the encoding it was "
+            "written in)")
+
+
+@POLICIES
+def test_latin1_files_are_refused_naming_line_and_byte(tmp_path, store, policy):
+    inter = tmp_path / "latin.csv"
+    inter.write_bytes((HEADER + "u1,a,5,10,1\ncafé,a,5,10,2\n").encode("latin-1"))
+    cfg = _cfg(f"ingest.bad_rows={policy}")
+    with pytest.raises(IngestError) as err:
+        run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+    assert str(err.value) == _latin1_message(inter, 65, 3, r"b'caf\xe9,a,5,10,2'")
+    assert _nothing_committed(store)
+
+    videos = tmp_path / "videos.tsv"
+    videos.write_bytes("video_id\turi\na\t/v/a.mp4\nb\t/v/caf\xe9.mp4\n".encode("latin-1"))
+    inter.write_text(HEADER + "u1,a,5,10,1\n")
+    with pytest.raises(IngestError) as err:
+        run_ingest(cfg, store, str(inter), str(videos))
+    assert str(err.value) == _latin1_message(videos, 32, 3, r"b'b\t/v/caf\xe9.mp4'")
+    assert _nothing_committed(store)
+
+
+def test_utf8_check_streams_in_chunks(tmp_path):
+    from frame_dist.ingest.interactions import check_utf8
+
+    good = tmp_path / "good.csv"
+    good.write_bytes(b"\xef\xbb\xbf" + "user,€,😀\nü,ß,中\n".encode() * 3)
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes("user,€\nü,ß\n".encode() + b"x\xe9y\n")
+    expected = _latin1_message(bad, 16, 3, r"b'x\xe9y'")
+    for chunk in (1, 2, 3, 5, 7, 64):  # characters split across every chunk boundary
+        check_utf8(good, chunk)
+        with pytest.raises(IngestError) as err:
+            check_utf8(bad, chunk)
+        assert str(err.value) == expected, chunk
+
+
+@POLICIES
+def test_header_only_or_all_bad_commits_nothing(tmp_path, store, policy):
+    cfg = _cfg(f"ingest.bad_rows={policy}")
+    inter = tmp_path / "i.csv"
+    inter.write_text(HEADER + "u1,a,5,10,1\n")
+    run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+    version = store.table("interactions").manifest()["version"]
+
+    inter.write_text(HEADER)
+    with pytest.raises(IngestError) as err:
+        run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+    assert str(err.value) == f"{inter}: no data rows, nothing to ingest; nothing was committed"
+    assert store.table("interactions").manifest()["version"] == version
+
+    inter.write_text(HEADER + "u1,zz,5,10,1\nu1,a,-1,10,2\nu1,a,5,10,1.7\n")
+    lines = [f"{inter} row 1: video_id 'zz' is not in the videos table",
+             f"{inter} row 2: play time play_time_s is negative",
+             f"{inter} row 3: timestamp timestamp is not a whole number: '1.7'"]
+    with pytest.raises(IngestError) as err:
+        run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+    assert str(err.value) == (_fail_message(lines) if policy == "fail" else (
+        f"{inter}: all 3 rows are bad, nothing to ingest (policy bad_rows=quarantine); nothing "
+        "was committed:\n  " + "\n  ".join(lines)))
+    assert store.table("interactions").manifest()["version"] == version
+    assert store.table("interactions").read().num_rows == 1

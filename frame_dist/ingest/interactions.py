@@ -14,14 +14,29 @@ kuairec    user_id        video_id      play_duration     video_duration timesta
 Times of the ``authors`` and ``kuairec`` presets are in milliseconds, ``frame`` in seconds
 (``IngestConfig.duration_unit`` overrides). A source without a timestamp column uses its row order.
 
+**Files** are UTF-8 (a byte-order mark is allowed); any other encoding is refused, under either
+policy, naming the line and byte (checked in a streaming pass). CSV / TSV columns are read as
+text, so ids stay exactly as written (``007`` and ``7`` are two users); integer id columns of
+Parquet files become their decimal text, ids of any other type are refused.
+
+**Timestamps** are stored as int64 and only order the split, so each keeps its own unit: a
+number must be whole, finite and |t| < 2**62 (``kuairec`` timestamps are seconds with three
+decimals and become whole milliseconds); typed Parquet columns convert to integers in their
+own unit (``timestamp[s|ms|us|ns]``: since the epoch in that unit, ``date32``: days,
+``date64``: milliseconds; Parquet itself stores seconds as ms and dates as days). Nothing is
+truncated or wrapped.
+
 **Row numbers** in messages and in the errors table are 1-based record numbers: record 1 is the
 first data row (line 2 of a CSV file with a header).
 
-**Bad rows** (missing ids, NaN / non-numeric / negative play time, NaN / zero / negative
-duration, unparseable timestamp, a video id absent from the videos table) are never dropped
-silently: with ``bad_rows="fail"`` the stage raises :class:`IngestError` listing them and writes
-nothing; with ``bad_rows="quarantine"`` they go to the ``ingest_errors`` table (one row per bad
-row and reason) and the good rows are ingested.
+**Bad rows** (missing ids; NaN / non-numeric / infinite / negative play time; NaN / infinite /
+zero / negative duration; a missing, non-numeric, fractional or out-of-range timestamp; a video
+id absent from the videos table; a later copy of an earlier good row's (user, video,
+timestamp), reported as "duplicate of row N") are never dropped silently: with
+``bad_rows="fail"`` the stage raises :class:`IngestError` listing them and writes nothing; with
+``bad_rows="quarantine"`` they go to the ``ingest_errors`` table (one row per bad row and
+reason) and the good rows are ingested. A source without data rows, or with no good row left,
+is refused under either policy: nothing is committed.
 
 **Watch ratio** r = play_time / duration, capped at ``max_watch_ratio`` (1 by default: replays
 do not make a video "more than fully" watched). ``full_watch`` is r >= 1 - full_watch_tolerance.
@@ -43,6 +58,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +82,11 @@ PRESETS: dict[str, tuple[dict[str, str], str]] = {
                      duration="video_duration", timestamp="timestamp"), "ms"),
     "custom": ({}, "s"),
 }
+# timestamps multiplied by this to whole numbers: KuaiRec's are seconds with ms decimals
+TIMESTAMP_SCALE: dict[str, tuple[int, str]] = {"kuairec": (1000, " of milliseconds")}
 REQUIRED = ("user_id", "video_id", "play_time", "duration")
 MAX_LISTED = 20  # bad rows spelled out in an IngestError message
+TIMESTAMP_LIMIT = 2**62  # |timestamp| bound: far inside int64, so no conversion can wrap
 
 
 class IngestError(ValueError):
@@ -103,19 +122,61 @@ def read_source(path: str | Path) -> pa.Table:
         if suffix in (".parquet", ".pq"):
             return pq.read_table(path)
         if suffix in (".csv", ".tsv"):
-            # Read every column as text: validation below reports unparseable values by row.
-            header = path.open().readline().rstrip("\r\n")
-            delim = "\t" if suffix == ".tsv" else ","
-            names = header.split(delim)
-            return pacsv.read_csv(
-                path,
-                parse_options=pacsv.ParseOptions(delimiter=delim),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={n: pa.string() for n in names}, strings_can_be_null=True),
-            )
+            check_utf8(path)
+            # Every column is read as text: ids stay as written, and validation reports
+            # unparseable values by row. The names come from Arrow's own header parse (a
+            # byte-order mark is not part of the first name).
+            parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            with pacsv.open_csv(path, parse_options=parse) as reader:
+                names = reader.schema.names
+            table = pacsv.read_csv(path, parse_options=parse, convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, strings_can_be_null=True))
+            typed = [f"{f.name} ({f.type})" for f in table.schema if f.type != pa.string()]
+            if typed:
+                raise IngestError(f"{path}: column(s) {', '.join(typed)} were not read as text")
+            return table
     except (pa.ArrowInvalid, OSError) as exc:
         raise IngestError(f"{path}: cannot read: {exc}") from exc
     raise IngestError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .parquet)")
+
+
+def check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """Raise :class:`IngestError` naming the line and byte where ``path`` stops being UTF-8.
+
+    Reads ``chunk_bytes`` at a time (memory stays bounded); a character split across two
+    chunks is carried over to the next one.
+    """
+    offset, lines, carry, tail = 0, 0, b"", b""  # tail: the bytes before, for the message
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            data = carry + chunk
+            if not data:
+                return
+            carry = b""
+            try:
+                if not data.isascii():
+                    data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if not (chunk and exc.reason == "unexpected end of data"):
+                    line = lines + data.count(b"\n", 0, exc.start) + 1
+                    raise IngestError(_encoding_message(path, tail + data, len(tail) + exc.start,
+                                                        offset + exc.start, line)) from None
+                data, carry = data[:exc.start], data[exc.start:]  # a truncated last character
+            lines += data.count(b"\n")
+            offset += len(data)
+            tail = (tail + data)[-40:]
+
+
+def _encoding_message(path: Path, data: bytes, at: int, offset: int, line: int) -> str:
+    start = max(data.rfind(b"\n", 0, at) + 1, at - 40)
+    end = data.find(b"\n", at)
+    context = data[start:min(end if end >= 0 else len(data), at + 20)]
+    row = "the header" if line == 1 else f"data row {line - 1}"
+    return (f"{path}: not UTF-8: byte 0x{data[at]:02x} at offset {offset} (line {line}, "
+            f"{row}) in {context!r}. Re-save the file as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}` "
+            "(with -f naming the encoding it was written in)")
 
 
 def column_mapping(cfg: IngestConfig) -> tuple[dict[str, str], str]:
@@ -138,10 +199,10 @@ class _BadRows:
         self.n = n
         self.bad = np.zeros(n, dtype=bool)
         self.rows: list[np.ndarray] = []
-        self.fields: list[str] = []
+        self.fields: list[str | None] = []
         self.reasons: list[np.ndarray] = []
 
-    def add(self, mask: np.ndarray, field: str,
+    def add(self, mask: np.ndarray, field: str | None,
             reason: str | Callable[[np.ndarray], list[str]]) -> None:
         """Flag rows in ``mask``; ``reason`` is a text, or a function of the flagged indices."""
         idx = np.flatnonzero(mask)
@@ -205,6 +266,71 @@ def _numbers(col: pa.ChunkedArray, bad: _BadRows, field: str, what: str) -> np.n
     return parsed
 
 
+def _ids(col: pa.ChunkedArray, name: str, uri: str) -> np.ndarray:
+    """Id column as text exactly as written; integer columns as their decimal text."""
+    kind = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+    if pa.types.is_integer(kind):
+        return _text(col.cast(kind).cast(pa.string()))
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        # a float id prints as 7.0 or loses digits: refuse rather than guess the intended text
+        raise IngestError(f"{uri}: id column {name!r} has type {col.type}; ids must be text or "
+                          "integers")
+    return _text(col)
+
+
+def _timestamps(col: pa.ChunkedArray, bad: _BadRows, field: str, scale: int = 1,
+                unit: str = "") -> np.ndarray:
+    """Timestamps as exact int64 (module docstring); bad ones are reported and become 0.
+
+    Numbers are multiplied by ``scale`` (named ``unit`` in messages) and must then be whole.
+    """
+    what, limit = f"timestamp {field}", TIMESTAMP_LIMIT
+    typed = pa.types.is_timestamp(col.type) or pa.types.is_date(col.type)
+    if typed or pa.types.is_integer(col.type):
+        if typed:  # in the column's own unit; date32 via int32 (no direct cast to int64)
+            col = col.cast(pa.int32() if pa.types.is_date32(col.type) else pa.int64())
+            scale = 1
+        missing = col.is_null().to_numpy(zero_copy_only=False)
+        raw = pc.fill_null(col, 0).to_numpy()  # int64, or uint64 beyond int64's range
+        bound = limit // scale
+        out = (raw >= bound) if raw.dtype.kind == "u" else (raw >= bound) | (raw <= -bound)
+        bad.add(missing, field, f"{what} is missing")
+        bad.add(out, field, lambda idx: [f"{what} is out of range (|t| >= 2**62): {raw[i]}"
+                                         for i in idx])
+        return np.where(out, 0, raw).astype(np.int64) * scale
+    parsed = _numbers(col, bad, field, what)  # reports missing / NaN / not a number
+    text = None if pa.types.is_floating(col.type) else _text(col)
+    finite = np.isfinite(parsed)
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = parsed * scale
+        rounded = np.rint(x)
+        # scaled decimals (1593878903.438 s -> ms) are whole up to the parse and product errors
+        tol = 0.0 if scale == 1 else np.spacing(np.abs(parsed)) * scale + np.spacing(np.abs(x))
+        whole = finite & (np.isinf(x) | (np.abs(x - rounded) <= tol))
+        inside = np.abs(rounded) < limit
+    values = np.where(whole & inside, rounded, 0).astype(np.int64)
+    if text is not None:
+        # beyond 2**52 a float no longer holds every integer: redo those rows exactly
+        for i in np.flatnonzero(finite & ~(np.abs(x) < 2**52)):
+            try:
+                exact = Decimal(text[i].strip()) * scale
+            except ArithmeticError:  # a spelling float() accepts and Decimal does not
+                continue
+            whole[i] = exact == exact.to_integral_value()
+            inside[i] = abs(exact) < limit
+            values[i] = int(exact) if whole[i] and inside[i] else 0
+
+    def shown(i: int) -> str:
+        return repr(float(parsed[i])) if text is None else repr(text[i])
+
+    bad.add(np.isinf(parsed), field, lambda idx: [f"{what} is infinite: {shown(i)}" for i in idx])
+    bad.add(finite & ~whole, field,
+            lambda idx: [f"{what} is not a whole number{unit}: {shown(i)}" for i in idx])
+    bad.add(whole & ~inside, field,
+            lambda idx: [f"{what} is out of range (|t| >= 2**62): {shown(i)}" for i in idx])
+    return values
+
+
 def validate_videos(table: pa.Table, uri: str) -> tuple[pa.Table, pa.Table]:
     """Return (valid videos conforming to VIDEOS, error rows)."""
     for name in ("video_id", "uri"):
@@ -213,7 +339,7 @@ def validate_videos(table: pa.Table, uri: str) -> tuple[pa.Table, pa.Table]:
                               f"has {table.column_names}")
     n = table.num_rows
     bad = _BadRows(n)
-    ids = _text(table.column("video_id"))
+    ids = _ids(table.column("video_id"), "video_id", uri)
     uris = _text(table.column("uri"))
     bad.add(~_present(ids), "video_id", "missing video_id")
     bad.add(~_present(uris), "uri", "missing uri")
@@ -224,7 +350,8 @@ def validate_videos(table: pa.Table, uri: str) -> tuple[pa.Table, pa.Table]:
         dur = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce").to_numpy(np.float64)
         bad.add(_present(text) & np.isnan(dur),
                 "duration_s", "duration_s is not a number")
-        bad.add(dur <= 0, "duration_s", "duration_s must be > 0")
+        bad.add(np.isinf(dur), "duration_s", "duration_s is infinite")
+        bad.add((dur <= 0) & ~np.isinf(dur), "duration_s", "duration_s must be > 0")
     else:
         dur = np.full(n, np.nan)
     good = ~bad.bad
@@ -248,28 +375,33 @@ def validate_interactions(
                           f"{cfg.preset!r}; the file has {table.column_names}")
     n = table.num_rows
     bad = _BadRows(n)
-    user = _text(table.column(mapping["user_id"]))
-    video = _text(table.column(mapping["video_id"]))
+    user = _ids(table.column(mapping["user_id"]), mapping["user_id"], uri)
+    video = _ids(table.column(mapping["video_id"]), mapping["video_id"], uri)
     bad.add(~_present(user), mapping["user_id"], "missing user_id")
     bad.add(~_present(video), mapping["video_id"], "missing video_id")
 
     play_col, dur_col = mapping["play_time"], mapping["duration"]
     play = _numbers(table.column(play_col), bad, play_col, f"play time {play_col}")
     dur = _numbers(table.column(dur_col), bad, dur_col, f"duration {dur_col}")
-    bad.add(play < 0, play_col, f"play time {play_col} is negative")
+    bad.add(np.isinf(play), play_col, f"play time {play_col} is infinite")
+    bad.add((play < 0) & ~np.isinf(play), play_col, f"play time {play_col} is negative")
     bad.add(dur == 0, dur_col, f"duration {dur_col} is zero")
-    bad.add(dur < 0, dur_col, f"duration {dur_col} is negative")
+    bad.add(np.isinf(dur), dur_col, f"duration {dur_col} is infinite")
+    bad.add((dur < 0) & ~np.isinf(dur), dur_col, f"duration {dur_col} is negative")
 
     ts_col = mapping.get("timestamp")
-    if ts_col and ts_col in table.column_names:
-        ts = _numbers(table.column(ts_col), bad, ts_col, f"timestamp {ts_col}")
-        timestamps = np.where(np.isnan(ts), 0, ts).astype(np.int64)
+    has_time = bool(ts_col) and ts_col in table.column_names
+    if has_time:
+        timestamps = _timestamps(table.column(ts_col), bad, ts_col,
+                                 *TIMESTAMP_SCALE.get(cfg.preset, (1, "")))
     else:
         timestamps = np.arange(n, dtype=np.int64)  # source order
 
     known = np.isin(video.astype(str), known_videos) | ~_present(video)
     bad.add(~known, mapping["video_id"],
             lambda idx: [f"video_id {v!r} is not in the videos table" for v in video[idx]])
+    if has_time:  # last: a copy of a row that is bad for another reason is no duplicate
+        _duplicates(user, video, timestamps, bad)
 
     scale = 1e-3 if unit == "ms" else 1.0
     good = ~bad.bad
@@ -286,6 +418,21 @@ def validate_interactions(
     })
     return frame, bad.table("ingest", uri, lambda idx: [f"{u}/{v}" for u, v in
                                                          zip(user[idx], video[idx])])
+
+
+def _duplicates(user: np.ndarray, video: np.ndarray, timestamps: np.ndarray,
+                bad: _BadRows) -> None:
+    """Report later copies of a good row's (user, video, timestamp) as "duplicate of row N"."""
+    rows = np.flatnonzero(~bad.bad)
+    keys = pd.DataFrame({"u": user[rows], "v": video[rows], "t": timestamps[rows]})
+    group = keys.groupby(["u", "v", "t"], sort=False).ngroup().to_numpy()
+    _, first = np.unique(group, return_index=True)  # position of each key's first copy
+    original = np.zeros(bad.n, dtype=np.int64)
+    original[rows] = rows[first[group]] + 1
+    mask = np.zeros(bad.n, dtype=bool)
+    mask[rows] = original[rows] != rows + 1
+    bad.add(mask, None, lambda idx: [f"duplicate of row {original[i]} (same user, video and "
+                                     "timestamp)" for i in idx])
 
 
 def time_split(frame: pd.DataFrame, test_fraction: float, min_user_interactions: int,
@@ -321,8 +468,9 @@ def run_ingest(cfg: Config, store: Store, interactions: str | None = None,
                videos: str | None = None) -> IngestSummary:
     """Validate and commit ``videos``, ``interactions`` and ``ingest_errors`` to the store.
 
-    Nothing is committed when the policy is "fail" and any row is bad. The three tables are
-    replaced as a whole; each commit writes the resolved config beside the table.
+    Nothing is committed when the policy is "fail" and any row is bad, or when no good row is
+    left (a header-only source, or every row quarantined). The three tables are replaced as a
+    whole; each commit writes the resolved config beside the table.
     """
     icfg = cfg.ingest
     icfg.interactions = interactions = interactions or icfg.interactions
@@ -336,6 +484,13 @@ def run_ingest(cfg: Config, store: Store, interactions: str | None = None,
     errors = pa.concat_tables([video_errors, row_errors])
     if errors.num_rows and icfg.bad_rows == "fail":
         raise IngestError(_describe(errors))
+    if source.num_rows == 0:
+        raise IngestError(f"{interactions}: no data rows, nothing to ingest; nothing was "
+                          "committed")
+    if len(frame) == 0:
+        raise IngestError(f"{interactions}: all {source.num_rows} rows are bad, nothing to "
+                          "ingest (policy bad_rows=quarantine); nothing was committed:\n  "
+                          + _listing(errors))
 
     frame["split"] = time_split(frame, icfg.test_fraction, icfg.min_user_interactions,
                                 icfg.valid_fraction)
@@ -377,9 +532,14 @@ def ingest_is_current(cfg: Config, store: Store) -> bool:
 
 
 def _describe(errors: pa.Table) -> str:
-    rows = errors.to_pylist()
-    lines = [f"{r['uri']} row {r['row']}: {r['reason']}" for r in rows[:MAX_LISTED]]
-    more = f"\n  ... and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else ""
-    return (f"{len(rows)} bad row(s) (policy bad_rows=fail; set ingest.bad_rows=quarantine to "
-            "ingest the good rows and keep these in the ingest_errors table):\n  "
-            + "\n  ".join(lines) + more)
+    return (f"{errors.num_rows} bad row(s) (policy bad_rows=fail; set ingest.bad_rows=quarantine "
+            "to ingest the good rows and keep these in the ingest_errors table):\n  "
+            + _listing(errors))
+
+
+def _listing(errors: pa.Table) -> str:
+    rows = errors.slice(0, MAX_LISTED).to_pylist()
+    lines = [f"{r['uri']} row {r['row']}: {r['reason']}" for r in rows]
+    more = (f"\n  ... and {errors.num_rows - MAX_LISTED} more" if errors.num_rows > MAX_LISTED
+            else "")
+    return "\n  ".join(lines) + more
