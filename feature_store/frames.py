@@ -3,12 +3,17 @@
 Table ``frame_features`` (schema :func:`feature_store.schemas.frame_features_schema`): one row per
 (video, grid index) with the float16 2048-d trunk feature of the grid frame. Each committed part
 file holds whole videos and lists them in its Part meta (``video_ids``), so the set of committed
-videos is known from the manifest alone and extraction resumes video by video. The manifest
-metadata holds the encoder identity (``encoder``: weights, image size, grid size G, dim,
-preprocessing); a run with another identity is refused (:class:`EncoderIdentityError`).
+videos is known from the manifest alone and extraction resumes video by video. The Part meta
+also holds each video's source identity (``sources``: video id -> uri, size, mtime or ETag;
+frame_dist.extract.sources), so a video whose uri or file changed is extracted again; its new
+features are committed in a later part, and the readers take every video from the **latest**
+part listing it, so the old version is never read again. The manifest metadata holds the
+encoder identity (``encoder``: weights, image size, grid size G, dim, preprocessing); a run
+with another identity is refused (:class:`EncoderIdentityError`).
 
 Table ``extract_errors`` (schema :data:`feature_store.schemas.ERRORS`): the failures of the last
-run, replaced at the end of each run (failed videos are retried by the next one).
+run, replaced at the end of each run (failed videos are retried by the next one); the part file
+of the replaced version is deleted.
 
 Reading. :func:`read_clip_features` gives the clip features of any N_c dividing G as the mean of
 each clip's G / N_c grid frames (paper eq. 1) without touching a video. Both readers read only
@@ -99,6 +104,19 @@ def committed_video_ids(store: Store) -> set[str]:
     return ids
 
 
+def committed_sources(store: Store) -> dict[str, dict[str, Any] | None]:
+    """Committed video id -> the source identity its read features were extracted from.
+
+    From the latest part listing the video (the one the readers take); None for a part that
+    records no ``sources`` (written by an older version or another tool).
+    """
+    out: dict[str, dict[str, Any] | None] = {}
+    for part in store.table(FRAME_FEATURES).parts():  # in commit order: later parts win
+        sources = part.meta.get("sources") or {}
+        out.update((vid, sources.get(vid)) for vid in _part_ids(part))
+    return out
+
+
 def stored_identity(store: Store) -> dict[str, Any] | None:
     """The encoder identity recorded with the committed frame features, or None."""
     return store.table(FRAME_FEATURES).metadata().get("encoder")
@@ -126,8 +144,13 @@ def commit_frame_parts(store: Store, parts: Sequence[Part], identity: dict[str, 
 
 
 def write_extract_errors(store: Store, errors: pa.Table, config: Any | None = None) -> None:
-    """Replace ``extract_errors`` with ``errors`` (ERRORS schema; may be empty)."""
-    store.table(EXTRACT_ERRORS).write(conform(errors, ERRORS, EXTRACT_ERRORS), config=config)
+    """Replace ``extract_errors`` with ``errors`` (ERRORS schema; may be empty).
+
+    The part file of the replaced version is deleted after the commit (one extraction runs at a
+    time, under the stage's lease).
+    """
+    store.table(EXTRACT_ERRORS).write(conform(errors, ERRORS, EXTRACT_ERRORS), config=config,
+                                      reclaim=True)
 
 
 def extract_error_rows(video_ids: Sequence[str], uris: Sequence[str], reasons: Sequence[str]
@@ -158,7 +181,8 @@ def _plan(store: Store, video_ids: Sequence[str] | None
           ) -> tuple[np.ndarray, list[tuple[Part, np.ndarray, np.ndarray]], int, dict[str, Any]]:
     """Output order of the videos and, per part to read, (part, its ids to take, their rows).
 
-    A video committed in several parts (two concurrent writers) is taken from the first.
+    A video committed in several parts (extracted again after its source changed) is taken
+    from the latest.
     """
     table = store.table(FRAME_FEATURES)
     manifest = table.manifest()
@@ -175,7 +199,9 @@ def _plan(store: Store, video_ids: Sequence[str] | None
     all_ids = np.concatenate([np.asarray(ids, dtype=object) for ids in part_ids]
                              or [np.empty(0, object)])
     part_of = np.repeat(np.arange(len(parts)), [len(ids) for ids in part_ids])
-    committed, first = np.unique(all_ids, return_index=True)  # sorted ids, first occurrence
+    # sorted ids and the last occurrence of each (its latest part)
+    committed, from_end = np.unique(all_ids[::-1], return_index=True)
+    latest = len(all_ids) - 1 - from_end
     if video_ids is None:
         order, where = committed, np.arange(len(committed))
     else:
@@ -191,7 +217,7 @@ def _plan(store: Store, video_ids: Sequence[str] | None
                              f"features in {store.uri('tables', FRAME_FEATURES)}: "
                              f"{list(absent[:5])}")
         where = found.to_numpy().astype(np.int64)
-    owner = part_of[first[where]]  # part to read each output video from
+    owner = part_of[latest[where]]  # part to read each output video from
     by_part = np.argsort(owner, kind="stable")
     bounds = np.flatnonzero(np.diff(owner[by_part])) + 1
     plan = [(parts[owner[rows[0]]], order[rows], rows)

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from feature_store.store import Store, StoreError, create_exclusive, write_atomic
+from feature_store.store import Store, StoreError, create_exclusive, numbered_files, write_atomic
 
 LEASE_TTL_S = float(os.environ.get("FRAME_DIST_LEASE_TTL_S", "60"))
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
@@ -84,16 +84,7 @@ class StageLease:
         return posixpath.join(self.dir, f"{generation:012d}.json")
 
     def _generations(self) -> list[int]:
-        try:
-            names = self.store.fs.ls(self.dir, detail=False)
-        except FileNotFoundError:
-            return []
-        out = []
-        for name in names:
-            base = posixpath.basename(name.rstrip("/"))
-            if re.fullmatch(r"[0-9]{12}\.json", base):
-                out.append(int(base[:12]))
-        return sorted(out)
+        return numbered_files(self.store.fs, self.dir)
 
     def _read(self, generation: int) -> LeaseRecord | None:
         path = self._file(generation)

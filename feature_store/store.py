@@ -136,17 +136,36 @@ class Store:
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
 
 
+def _local_temp(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> str:
+    """``data`` written and synced to a temporary file beside ``path`` (local disks)."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def numbered_files(fs: fsspec.AbstractFileSystem, directory: str) -> list[int]:
+    """The numbers n of the files ``<n:012d>.json`` directly in ``directory``, ascending (empty
+    when it does not exist): manifest versions and lease generations."""
+    try:
+        names = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        base = posixpath.basename(name.rstrip("/"))
+        if re.fullmatch(r"[0-9]{12}\.json", base):
+            out.append(int(base[:12]))
+    return sorted(out)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old or the new content."""
-    parent = posixpath.dirname(path)
     if _is_local(fs):
-        fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_local_temp(fs, path, data), path)
     else:  # one PUT: S3 objects appear whole or not at all
         with fs.open(path, "wb") as f:
             f.write(data)
@@ -158,14 +177,8 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
     Readers never see a partial file: locally a finished temporary file is hard-linked into
     place (``link`` fails on an existing name); on S3 one PUT with ``If-None-Match: *``.
     """
-    parent = posixpath.dirname(path)
     if _is_local(fs):
-        fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temp(fs, path, data)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -221,17 +234,7 @@ class Table:
 
     def _versions(self) -> list[int]:
         """Committed version numbers present under _manifests/, ascending."""
-        path = posixpath.join(self.dir, VERSIONS)
-        try:
-            names = self.store.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return []
-        out = []
-        for name in names:
-            base = posixpath.basename(name.rstrip("/"))
-            if re.fullmatch(r"[0-9]{12}\.json", base):
-                out.append(int(base[:12]))
-        return sorted(out)
+        return numbered_files(self.store.fs, posixpath.join(self.dir, VERSIONS))
 
     def _read_manifest(self, rel: str, version: int | None = None) -> dict[str, Any] | None:
         path = posixpath.join(self.dir, rel)
@@ -274,14 +277,15 @@ class Table:
         *,
         replace: bool = False,
         config: Any | None = None,
-    ) -> None:
+    ) -> list[Part]:
         """Make ``parts`` visible: append them to (or, with ``replace``, swap) the committed set.
 
         ``metadata`` is merged into the manifest's metadata (``replace`` starts from empty).
         ``config`` (a :class:`frame_dist.config.Config`) is written beside the table as the
         resolved config of this commit. Concurrent writers never lose a commit: each one is
         a new manifest version created if absent, retried on top of a version another writer
-        made first.
+        made first. Returns the parts of the version this commit replaced that it no longer
+        lists (``replace`` only; each dropped part is returned to exactly one committer).
         """
         for attempt in range(COMMIT_ATTEMPTS):
             version, current = self._latest()
@@ -317,11 +321,28 @@ class Table:
                     self.store.fs.rm(posixpath.join(self.dir, VERSIONS, _version_name(old)))
                 except FileNotFoundError:  # another writer pruned it
                     pass
+        listed = {p.path for p in parts}
+        return [Part(**p) for p in (current["parts"] if replace and current else [])
+                if p["path"] not in listed]
 
     def write(self, table: pa.Table, metadata: dict[str, Any] | None = None,
-              config: Any | None = None) -> None:
-        """Replace the whole table with ``table`` in one commit."""
-        self.commit([self.write_part(table)], metadata, replace=True, config=config)
+              config: Any | None = None, *, reclaim: bool = False) -> None:
+        """Replace the whole table with ``table`` in one commit.
+
+        ``reclaim``: then delete the part files of the replaced version (a reader still holding
+        that version fails; use it where no job reads the table while it is written).
+        """
+        dropped = self.commit([self.write_part(table)], metadata, replace=True, config=config)
+        if reclaim:
+            self.delete_parts(dropped)
+
+    def delete_parts(self, parts: Sequence[Part]) -> None:
+        """Delete the files of ``parts`` (ones a commit dropped; absent files are fine)."""
+        for part in parts:
+            try:
+                self.store.fs.rm(posixpath.join(self.dir, part.path))
+            except FileNotFoundError:
+                pass
 
     def vacuum(self) -> int:
         """Delete part files that no manifest lists (left by killed writers); return the count."""

@@ -3,7 +3,8 @@
     ray job submit --working-dir . -- python -m jobs.extract --config configs/demo.yaml
     python -m jobs.extract --config configs/demo.yaml extract.weights=random
 
-Reads the ``videos`` table (written by ingest), skips videos already committed, and commits
+Reads the ``videos`` table (written by ingest), skips videos already committed from the same
+source (uri, size and mtime or ETag: a changed video is extracted again, and said so), and commits
 ``frame_features`` part by part (a killed run resumes where it stopped); failed videos are listed
 in ``extract_errors`` and retried by the next run. Uses the Ray cluster it finds (GPU encoder
 actors when it has GPUs) or starts a local one. Exit codes: 0 done (some videos may have failed:

@@ -11,6 +11,7 @@ from feature_store.frames import (
     EncoderIdentityError,
     check_encoder_identity,
     commit_frame_parts,
+    committed_sources,
     committed_video_ids,
     extract_error_rows,
     frame_features_table,
@@ -133,13 +134,23 @@ def test_incomplete_video_in_a_part_is_reported(tmp_path):
         read_clip_features(store, 2)
 
 
-def test_video_committed_twice_is_read_from_its_first_part(store):
+def test_video_committed_again_is_read_from_its_latest_part(store):
+    # "a" extracted again (its source changed): the old rows stay in the first part's file,
+    # but no reader takes them any more
+    new_a = {"uri": "/v/a2.mp4", "size": 2, "mtime_ns": 5}
     again = write_frame_part(store, frame_features_table(
-        ["a"], np.zeros((1, G)), constant_features([[9, 9, 9, 9]])), ["a"])
+        ["a"], np.zeros((1, G)), constant_features([[9, 9, 9, 9]])), ["a"],
+        {"sources": {"a": new_a}})
     commit_frame_parts(store, [again], IDENTITY)
     ids, feats = read_frame_features(store)
     assert ids.tolist() == ["a", "b", "c"]
-    np.testing.assert_array_equal(feats[0, :, 0], [1, 2, 3, 4])
+    np.testing.assert_array_equal(feats[0, :, 0], [9, 9, 9, 9])
+    np.testing.assert_array_equal(feats[1, :, 0], [10, 20, 30, 40])  # "b", same first part
+    np.testing.assert_array_equal(read_frame_features(store, ["a"])[1][0, :, 0], [9, 9, 9, 9])
+    np.testing.assert_allclose(read_clip_features(store, 1, ["b", "a"]).features[:, 0],
+                               [25.0, 9.0])
+    # the parts of the store fixture record no sources (an older writer): None, never a guess
+    assert committed_sources(store) == {"a": new_a, "b": None, "c": None}
 
 
 def test_identity_mismatch_is_refused_naming_the_fields(store):
@@ -166,6 +177,10 @@ def test_errors_table_is_replaced_by_each_run(tmp_path):
                      "field": None, "reason": "empty file (0 bytes)"}]
     write_extract_errors(store, extract_error_rows([], [], []))
     assert store.table("extract_errors").read(schema=ERRORS).num_rows == 0
+    # each replacement deleted the part file of the version it replaced
+    parts_dir = tmp_path / "s" / "tables" / "extract_errors" / "parts"
+    assert [f"parts/{f.name}" for f in parts_dir.iterdir()] == [
+        p.path for p in store.table("extract_errors").parts()]
 
 
 def test_features_round_trip_float16_exactly(tmp_path):

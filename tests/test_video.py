@@ -162,7 +162,7 @@ def _bad_file(kind, tmp_path, make_video, audio_writer):
     ("truncated_index", "not a readable media file (Invalid data found when processing input)"),
     ("truncated_mid_packet", "corrupt or truncated stream: decoding failed after"),
     ("truncated_clean", "truncated: frames end at 1.900 s of a 4.000 s video"),
-    ("audio_only", "no video stream (streams: audio)"),
+    ("audio_only", "the file has no video stream (streams: audio)"),
     ("directory", "is a directory, not a video file"),
 ])
 def test_bad_files_raise_with_uri_and_reason(kind, reason, tmp_path, make_video, audio_writer):
@@ -172,6 +172,83 @@ def test_bad_files_raise_with_uri_and_reason(kind, reason, tmp_path, make_video,
     assert info.value.uri == str(path)
     assert info.value.reason.startswith(reason)
     assert str(info.value).startswith(f"{path}: ")
+
+
+def remux(src, dst, **options) -> str:
+    """Copy the video packets of ``src`` into ``dst`` (``live="1"`` for an mkv that declares no
+    duration, as streaming recorders write them)."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options=options) as out:
+        ist = inp.streams.video[0]
+        ost = out.add_stream_from_template(ist)
+        for packet in inp.demux(ist):
+            if packet.dts is not None:  # not the demuxer's final flush packet
+                packet.stream = ost
+                out.mux(packet)
+    return str(dst)
+
+
+def write_empty_video_stream(path) -> str:
+    """An mkv (no declared duration) with a video stream but only audio packets."""
+    with av.open(str(path), "w", options={"live": "1"}) as c:
+        video = c.add_stream("libx264", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = c.add_stream("aac", rate=16000)
+        for i in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in audio.encode(frame):
+                c.mux(packet)
+        for packet in audio.encode():
+            c.mux(packet)
+    return str(path)
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["mp4", "mkv-without-duration"])
+@pytest.mark.parametrize("declared,reason", [
+    (12.0, "declared duration 12.0 s (duration_s of the videos table) is beyond the "
+           "stream's 4.0 s"),
+    (2.0, "declared duration 2.0 s (duration_s of the videos table) is shorter than the "
+          "stream's 4.0 s"),
+    (3.4, "declared duration 3.4 s (duration_s of the videos table) is shorter than the "
+          "stream's 4.0 s"),  # 0.6 s off: beyond max(0.5 s, 5 %)
+])
+def test_declared_duration_far_from_the_stream_is_refused(make_video, tmp_path, live,
+                                                          declared, reason):
+    path = str(make_video("four.mp4", 40, fps=10))  # D = 4.0 s
+    if live:  # the file declares no duration: the stream's is its last packet's end
+        path = remux(path, tmp_path / "four.mkv", live="1")
+        with av.open(path) as c:
+            assert c.duration is None and c.streams.video[0].duration is None
+    with pytest.raises(VideoDecodeError) as info:
+        decode_grid(path, 8, 32, duration_s=declared)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["mp4", "mkv-without-duration"])
+def test_declared_duration_within_tolerance_keeps_the_stream_s(make_video, tmp_path, live):
+    path = str(make_video("four.mp4", 40, fps=10))
+    if live:
+        path = remux(path, tmp_path / "four.mkv", live="1")
+    reference = decode_grid(path, 8, 32)
+    for declared in (3.6, 4.4):  # within max(0.5 s, 5 % of 4 s)
+        d = decode_grid(path, 8, 32, duration_s=declared)
+        assert d.duration_s == pytest.approx(4.0)  # the grid stays the stream's
+        np.testing.assert_array_equal(d.frames, reference.frames)
+
+
+def test_empty_video_stream_and_missing_timestamps_are_named(tmp_path, make_video):
+    empty = write_empty_video_stream(tmp_path / "empty.mkv")
+    with pytest.raises(VideoDecodeError) as info:
+        decode_grid(empty, 8, 32)
+    assert info.value.reason == "no video packets: the video stream is empty"
+    raw = make_video("raw.h264", 20, fps=10)  # an elementary stream: no timestamps at all
+    with pytest.raises(VideoDecodeError) as info:
+        decode_grid(str(raw), 8, 32)
+    assert info.value.reason == ("the video packets carry no timestamps and the file declares "
+                                 "no duration (give duration_s in the videos table)")
+    # then the declaration is D (FFmpeg assumes 25 frames/s for such a stream: 20 -> 0.8 s)
+    assert decode_grid(str(raw), 4, 32, duration_s=0.8).duration_s == 0.8
 
 
 def test_unsupported_scheme():

@@ -2,7 +2,7 @@
 
 Pipeline (each arrow is a Ray Data operator; the driver only commits)::
 
-    videos table, minus committed videos
+    videos table, minus committed videos whose source is unchanged
       -> decode_videos       map_batches tasks (CPU), ``videos_per_decode_task`` videos each:
                              G grid frames per video (frame_dist.extract.video), failures become
                              rows
@@ -19,6 +19,11 @@ fails the dataset. A run killed at any point leaves the committed videos readabl
 skips them (``skipped``) and retries the rest, including the previous run's failures. Staged parts
 of a killed run are never listed by a manifest; ``store.table("frame_features").vacuum()``
 removes them when no extraction is running.
+
+Changed videos. Each committed video records its source identity (uri, size, mtime or ETag:
+frame_dist.extract.sources) in the Part meta; a committed video whose uri or file changed since
+is extracted again (the summary names it and why), and the readers take its new features (the
+latest part listing a video wins).
 
 Fault injection (tests): with ``FRAME_DIST_FAULT_KILL_AFTER_COMMITS=k`` in the driver's
 environment, the driver SIGKILLs itself right after its k-th commit.
@@ -43,7 +48,7 @@ from feature_store.frames import (
     EXTRACT_ERRORS,
     check_encoder_identity,
     commit_frame_parts,
-    committed_video_ids,
+    committed_sources,
     extract_error_rows,
     frame_features_table,
     write_extract_errors,
@@ -52,6 +57,7 @@ from feature_store.frames import (
 from feature_store.schemas import FEATURE_DIM, VIDEOS, conform
 from feature_store.store import Part, Store
 from frame_dist.config import Config, ConfigError, ExtractConfig
+from frame_dist.extract.sources import source_change, source_identities
 
 FAULT_ENV = "FRAME_DIST_FAULT_KILL_AFTER_COMMITS"
 COMMIT_MIN_INTERVAL_S = 2.0  # bounds manifest rewrites; a kill loses at most this much work
@@ -59,6 +65,8 @@ COMMIT_MIN_INTERVAL_S = 2.0  # bounds manifest rewrites; a kill loses at most th
 # reservation they queue behind decode tasks until decoding ends (no commits until then).
 WRITE_CPUS = 0
 DECODER_MEMORY = 192 * 2**20  # a decode worker: Python, PyArrow, FFmpeg (~130 MiB measured)
+CHANGED_LISTED = 5  # changed videos named in the summary line (ExtractSummary holds all)
+CHANGED_PRINTED = 100  # changed videos printed one per line before the work starts
 
 DECODED = pa.schema([
     ("video_id", pa.string()),
@@ -92,20 +100,36 @@ class ExtractError(RuntimeError):
 class ExtractSummary:
     """Outcome of one run of the extract stage."""
 
-    done: int  # videos extracted and committed by this run
-    skipped: int  # videos already committed before this run
+    done: int  # videos extracted and committed by this run (changed ones included)
+    skipped: int  # videos already committed before this run, source unchanged
     failed: int  # videos that failed (rows of extract_errors)
     frames: int  # grid frames encoded by this run (done * G)
     seconds: float
     store: str  # uri of the frame_features table
     failures: dict[str, str] = field(default_factory=dict)  # video id -> reason
     first_part_s: float | None = None  # seconds until the first part reached the driver
+    # committed videos whose uri or file changed, extracted again by this run: id -> why
+    changed: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
         rate = self.frames / self.seconds if self.seconds > 0 else 0.0
-        return (f"extract: {self.done} done, {self.skipped} skipped (already committed), "
+        text = (f"extract: {self.done} done, {self.skipped} skipped (already committed), "
                 f"{self.failed} failed; {self.frames} frames in {self.seconds:.1f} s "
                 f"({rate:.1f} frames/s) -> {self.store}")
+        again = [v for v in self.changed if v not in self.failures]
+        if again:
+            text += f"; re-extracted {len(again)} changed video(s): {_listed(again, self.changed)}"
+        kept = [v for v in self.changed if v in self.failures]
+        if kept:
+            text += (f"; {len(kept)} changed video(s) failed and keep their previous features: "
+                     f"{_listed(kept, self.changed)}")
+        return text
+
+
+def _listed(ids: list[str], why: dict[str, str]) -> str:
+    named = ", ".join(f"{v} ({why[v]})" for v in ids[:CHANGED_LISTED])
+    more = len(ids) - CHANGED_LISTED
+    return named + (f" and {more} more" if more > 0 else "")
 
 
 # ----------------------------------------------------------------------- binary columns
@@ -260,8 +284,13 @@ def decode_memory_bytes(x: ExtractConfig) -> int:
     return 2 * frames + DECODER_MEMORY
 
 
-def videos_to_extract(store: Store) -> tuple[pa.Table, int]:
-    """The videos table minus the committed videos, and the number skipped."""
+def videos_to_extract(store: Store) -> tuple[pa.Table, int, dict[str, str], dict[str, Any]]:
+    """What to extract: (videos, number skipped, changed: id -> why, source identities by id).
+
+    The videos are the table's minus the committed ones whose source identity is unchanged;
+    ``changed`` lists the committed ones extracted again; the identities (of every video to
+    extract) are committed with their features.
+    """
     from feature_store.store import StoreError
 
     try:
@@ -275,13 +304,24 @@ def videos_to_extract(store: Store) -> tuple[pa.Table, int]:
     if len(dup):
         raise ExtractError(f"videos table has {len(dup)} duplicated video_id(s): "
                            f"{dup.to_pylist()[:5]}")
-    done = committed_video_ids(store)
-    todo = pc.invert(pc.is_in(ids, value_set=pa.array(sorted(done), pa.string())))
-    return videos.filter(todo), len(videos) - pc.sum(todo.cast(pa.int64())).as_py()
+    vids = ids.to_pylist()
+    current = dict(zip(vids, source_identities(videos.column("uri").to_pylist(),
+                                               store.endpoint_url, store.region)))
+    committed = committed_sources(store)
+    changed = {}
+    for vid in vids:  # in the videos table's order
+        why = source_change(committed[vid], current[vid]) if vid in committed else None
+        if why is not None:
+            changed[vid] = why
+    todo = [vid not in committed or vid in changed for vid in vids]
+    todo_ids = [vid for vid, t in zip(vids, todo) if t]
+    return (videos.filter(pa.array(todo, pa.bool_())), len(vids) - len(todo_ids), changed,
+            {vid: current[vid] for vid in todo_ids})
 
 
 def run_extract(cfg: Config, store: Store) -> ExtractSummary:
-    """Extract the frame features of every video of the ``videos`` table not yet committed.
+    """Extract the frame features of every video of the ``videos`` table not yet committed, or
+    committed from a source that changed since (its uri, or the file's size, mtime or ETag).
 
     Encoder weights / image size / grid must match what the store already holds
     (:class:`feature_store.frames.EncoderIdentityError` otherwise). Returns the summary (also
@@ -296,7 +336,13 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
     x = cfg.extract
     identity = encoder_identity(x)
     check_encoder_identity(store, identity)
-    todo, skipped = videos_to_extract(store)
+    todo, skipped, changed, sources = videos_to_extract(store)
+    for k, (vid, why) in enumerate(changed.items()):
+        if k == CHANGED_PRINTED:  # a whole bucket re-uploaded, say
+            print(f"extract: ... and {len(changed) - k} more changed videos", flush=True)
+            break
+        print(f"extract: {vid} changed since its commit ({why}): extracting it again",
+              flush=True)
     features_uri = store.uri("tables", "frame_features")
     failures: dict[str, tuple[str, str]] = {}
     done, first_part_at = 0, None
@@ -327,7 +373,8 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
             compute=ray.data.TaskPoolStrategy(size=max(2, x.encoder_actors)),
             fn_kwargs=dict(store=store, grid_size=x.grid_size,
                            precision="bf16-autocast" if use_gpu else "float32"))
-        done, first_part_at = _commit_as_they_arrive(ds, store, identity, cfg, failures)
+        done, first_part_at = _commit_as_they_arrive(ds, store, identity, cfg, failures,
+                                                     sources)
     if len(todo) or not store.table(EXTRACT_ERRORS).exists():
         # nothing to do means every video is committed: the table already says "no failure"
         errors = extract_error_rows(list(failures), [u for u, _ in failures.values()],
@@ -336,7 +383,8 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
     summary = ExtractSummary(done, skipped, len(failures), done * x.grid_size,
                              time.monotonic() - start, features_uri,
                              {vid: reason for vid, (_, reason) in failures.items()},
-                             None if first_part_at is None else first_part_at - start)
+                             None if first_part_at is None else first_part_at - start,
+                             changed)
     print(summary.line(), flush=True)
     if failures and not done and not skipped:
         raise ExtractError(f"all {len(failures)} videos failed; first: "
@@ -345,8 +393,9 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
 
 
 def _commit_as_they_arrive(ds: Any, store: Store, identity: dict[str, Any], cfg: Config,
-                           failures: dict[str, tuple[str, str]]) -> tuple[int, float | None]:
-    """Drive the dataset; commit staged parts as they arrive.
+                           failures: dict[str, tuple[str, str]], sources: dict[str, Any]
+                           ) -> tuple[int, float | None]:
+    """Drive the dataset; commit staged parts as they arrive, with their videos' ``sources``.
 
     Returns the number of videos committed and the time (monotonic) the first part arrived.
     """
@@ -371,8 +420,10 @@ def _commit_as_they_arrive(ds: Any, store: Store, identity: dict[str, Any], cfg:
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         is_part = block.column("part_path").is_valid()
         parts = block.filter(is_part).to_pydict()
-        pending += [Part(path, rows, json.loads(meta)) for path, rows, meta in
-                    zip(parts["part_path"], parts["part_rows"], parts["part_meta"])]
+        for path, rows, meta in zip(parts["part_path"], parts["part_rows"], parts["part_meta"]):
+            meta = json.loads(meta)
+            meta["sources"] = {vid: sources[vid] for vid in meta["video_ids"]}
+            pending.append(Part(path, rows, meta))
         if pending and first_part_at is None:
             first_part_at = time.monotonic()
         bad = block.filter(pc.invert(is_part)).to_pydict()

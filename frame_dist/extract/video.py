@@ -13,7 +13,11 @@ are used, so variable-frame-rate videos are sampled correctly; a video with fewe
 repeats its nearest frames.
 
 Duration. D is the video stream's duration from the container, else the container's duration,
-else the ``duration_s`` hint (the videos table), else the end of the last demuxed packet.
+else the end of the last demuxed packet. A ``duration_s`` declared by the videos table is checked
+against D: more than max(0.5 s, 5 %) of D apart, the video is refused naming both durations
+(a wrong declaration would otherwise stretch or squeeze the grid). It is used as D only for a
+stream whose packets carry no timestamps and whose file declares no duration (nothing to check
+it against).
 
 Decoding. Frames are decoded in presentation order; only the selected ones are converted to RGB
 (one swscale call that also resizes). When the next grid time lies at least ``seek_min_frames``
@@ -29,8 +33,8 @@ so no pixel is stretched. Output is uint8 RGB of shape (G, S, S, 3).
 
 Errors. Every failure raises :class:`VideoDecodeError` carrying the uri and a reason: file not
 found, empty file, not a readable media file (corrupt, truncated before the index, not a video),
-no video stream, a decoding error, no decodable frame, or frames ending well before the declared
-duration (truncated stream).
+no video stream, an empty video stream, a declared duration that disagrees with the stream's, a
+decoding error, no decodable frame, or frames ending well before the duration (truncated stream).
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ import av
 import numpy as np
 
 TIE_EPS_S = 1e-9  # two frames this close in distance to a grid time count as a tie (earlier wins)
+# a declared duration_s may differ from the stream's by max(0.5 s, 5 %): rounded CSV values and
+# container/stream differences (an audio tail, the last frame's duration) stay accepted
+DURATION_TOLERANCE_S = 0.5
+DURATION_TOLERANCE_FRACTION = 0.05
 
 
 class VideoDecodeError(RuntimeError):
@@ -167,7 +175,8 @@ def decode_grid(
         uri: local path or ``s3://bucket/key``.
         grid_size: G, number of grid times.
         image_size: S, side of the square output frames.
-        duration_s: duration hint used only when the file declares none.
+        duration_s: the videos table's duration: checked against the stream's (refused
+            beyond max(0.5 s, 5 %)); D itself only for a stream without timestamps.
         threads: decoder threads (FFmpeg frame/slice threading when > 1).
         seek_min_frames: seek when the next grid time is at least this many frame intervals
             ahead of the decoder; 0 disables seeking.
@@ -209,7 +218,8 @@ def _decode_open(container: Any, uri: str, grid_size: int, image_size: int,
                  ) -> DecodedVideo:
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
-        raise VideoDecodeError(uri, f"no video stream (streams: {', '.join(kinds)})")
+        raise VideoDecodeError(uri, "the file has no video stream (streams: "
+                                    f"{', '.join(kinds)})")
     stream = container.streams.video[0]
     stream.codec_context.thread_count = max(1, threads)
     if threads > 1:
@@ -217,11 +227,7 @@ def _decode_open(container: Any, uri: str, grid_size: int, image_size: int,
     tb = stream.time_base
     start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
 
-    duration = _declared_duration(container, stream, duration_hint)
-    if duration is None:
-        duration = _demuxed_duration(container, stream, uri) - start
-    if not duration > 0:
-        raise VideoDecodeError(uri, f"video duration is {duration!r} s")
+    duration = _stream_duration(container, stream, uri, start, duration_hint)
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     interval = 1.0 / float(rate) if rate else duration / max(1, stream.frames or grid_size)
 
@@ -289,7 +295,8 @@ def _decode_open(container: Any, uri: str, grid_size: int, image_size: int,
 
     if j < grid_size:  # grid times after the last frame take the last frame
         if prev is None:
-            raise VideoDecodeError(uri, "no decodable video frame")
+            raise VideoDecodeError(uri, f"no decodable video frame: the decoder returned none "
+                                        f"from a {duration:.3f} s stream")
         last_rel = prev.time - start
         if rel[-1] - last_rel > max(2 * interval, 0.05 * duration):
             raise VideoDecodeError(uri, f"truncated: frames end at {last_rel:.3f} s of a "
@@ -300,26 +307,60 @@ def _decode_open(container: Any, uri: str, grid_size: int, image_size: int,
     return DecodedVideo(frames, rel, chosen, float(duration), n_decoded, n_seeks)
 
 
-def _declared_duration(container: Any, stream: Any, hint: float | None) -> float | None:
+def duration_mismatch(declared_s: float, stream_s: float) -> str | None:
+    """Why a declared duration disagrees with the stream's (beyond max(0.5 s, 5 %)), or None."""
+    tolerance = max(DURATION_TOLERANCE_S, DURATION_TOLERANCE_FRACTION * stream_s)
+    if abs(declared_s - stream_s) <= tolerance:
+        return None
+    relation = "beyond" if declared_s > stream_s else "shorter than"
+    return (f"declared duration {declared_s:.1f} s (duration_s of the videos table) is "
+            f"{relation} the stream's {stream_s:.1f} s")
+
+
+def _stream_duration(container: Any, stream: Any, uri: str, start: float,
+                     hint: float | None) -> float:
+    """D (see the module docstring); the declared ``hint`` is checked against it."""
+    declared = hint if hint is not None and hint > 0 and math.isfinite(hint) else None
+    duration = _declared_duration(container, stream)
+    if duration is None:
+        if stream.start_time is None and declared is not None:
+            # no timestamps (a raw elementary stream): demuxing finds no end and cannot be
+            # rewound, so the declaration is all there is
+            return float(declared)
+        duration = _demuxed_end(container, stream, uri) - start
+    if declared is not None:
+        mismatch = duration_mismatch(declared, duration)
+        if mismatch:
+            raise VideoDecodeError(uri, mismatch)
+    if not duration > 0:
+        raise VideoDecodeError(uri, f"the video stream's duration is {duration:.3f} s")
+    return duration
+
+
+def _declared_duration(container: Any, stream: Any) -> float | None:
+    """The duration the file declares: its video stream's, else the container's."""
     if stream.duration:
         return float(stream.duration * stream.time_base)
     if container.duration:
         return container.duration / av.time_base
-    if hint is not None and hint > 0 and math.isfinite(hint):
-        return float(hint)
     return None
 
 
-def _demuxed_duration(container: Any, stream: Any, uri: str) -> float:
-    """End of the last packet (pts + duration), in seconds; then rewind to the start."""
+def _demuxed_end(container: Any, stream: Any, uri: str) -> float:
+    """End of the last packet (pts + duration) in seconds, then rewind to the start."""
     end = -math.inf
+    n_packets = 0
     try:
         for packet in container.demux(stream):
+            n_packets += packet.size > 0  # the demuxer ends with an empty flush packet
             if packet.pts is not None:
                 end = max(end, float((packet.pts + (packet.duration or 0)) * stream.time_base))
     except av.error.FFmpegError as exc:
         raise VideoDecodeError(uri, f"demuxing failed ({_ffmpeg_reason(exc)})") from exc
+    if not n_packets:
+        raise VideoDecodeError(uri, "no video packets: the video stream is empty")
     if not math.isfinite(end):
-        raise VideoDecodeError(uri, "no video packets")
+        raise VideoDecodeError(uri, "the video packets carry no timestamps and the file "
+                                    "declares no duration (give duration_s in the videos table)")
     container.seek(0, stream=stream, backward=True, any_frame=False)
     return end
