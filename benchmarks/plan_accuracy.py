@@ -38,20 +38,24 @@ def _baseline_loop(loop_config: dict) -> None:
     import torch.distributed as dist
 
     from frame_dist.config import from_dict
-    from frame_dist.train.ray_loop import _peak_rss_mb, deepspeed_config
+    from frame_dist.train.loop import engine_step, peak_rss_mb
+    from frame_dist.train.ray_loop import deepspeed_config
+
+    class Probe(torch.nn.Linear):  # a task as the engine wraps it: batch -> (loss, stats)
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            loss = super().forward(x).square().mean()
+            return loss, {"loss": loss.detach()}
 
     cfg = from_dict(loop_config["config"]).validate()
     world = ray.train.get_context().get_world_size()
     if world > 1:
         dist.new_group(backend=dist.get_backend())  # the propagation's group, as in training
-    model = torch.nn.Linear(4, 4)
+    model = Probe(4, 4)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=torch.optim.Adam(model.parameters()),
         config=deepspeed_config(cfg, world), dist_init_required=False)
-    loss = engine(torch.randn(cfg.train.batch_size // world, 4)).square().mean()
-    engine.backward(loss)
-    engine.step()
-    rss = _peak_rss_mb(world)
+    engine_step(engine)(torch.randn(cfg.train.batch_size // world, 4))  # the workers' step
+    rss = peak_rss_mb(world)
     if ray.train.get_context().get_world_rank() == 0:
         with open(loop_config["out"], "w") as f:
             json.dump(rss, f)
@@ -132,10 +136,10 @@ def main() -> None:
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     make_store(cfg.store.root, args.users, args.videos, args.per_user, grid, 0)
-    manifest = build_shards(cfg, Store.from_config(cfg.store))
-    print(f"store + graph in {time.perf_counter() - t0:.0f}s: {manifest['n_users']} users, "
-          f"{manifest['n_videos']} videos, nnz R^p {manifest['nnz_pos']:,}, "
-          f"R^n {manifest['nnz_neg']:,}, {manifest['n_train']:,} train interactions")
+    manifest = build_shards(cfg, Store.from_config(cfg.store)).manifest
+    print(f"store + graph in {time.perf_counter() - t0:.0f}s: {manifest.n_users} users, "
+          f"{manifest.n_videos} videos, nnz R^p {manifest.nnz_pos:,}, "
+          f"R^n {manifest.nnz_neg:,}, {manifest.n_train:,} train interactions")
     rows = [(w, compare(overrides, w, args.steps)) for w in args.workers]
     ray.shutdown()
     for w, r in rows:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from frame_dist.graph.clip_graph import build_graph, clip_labels, to_torch  # noqa: E402
 from frame_dist.model.frame import FRAME  # noqa: E402
 from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch  # noqa: E402
+from frame_dist.train.loop import torch_step  # noqa: E402
 from frame_dist.train.trainer import autocast_for, cpu_has_bf16  # noqa: E402
 
 
@@ -131,13 +132,13 @@ def part_one(args: argparse.Namespace) -> None:
         return InteractionBatch(torch.from_numpy(u)[idx], torch.from_numpy(v)[idx],
                                 torch.from_numpy(watched)[idx])
 
+    step = torch_step(task, opt)  # the trainers' step (fp32)
+
     def train_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss, _ = task(batch())
-        loss.backward()
-        opt.step()
+        step(batch())
 
     bf16 = autocast_for("cpu", "bf16")  # train.precision=bf16; backward outside, as trainers do
+    step_bf16 = torch_step(task, opt, bf16)
 
     def embeddings_bf16() -> None:
         with bf16:
@@ -146,11 +147,7 @@ def part_one(args: argparse.Namespace) -> None:
         total.backward()
 
     def train_step_bf16() -> None:
-        opt.zero_grad(set_to_none=True)
-        with bf16:
-            loss, _ = task(batch())
-        loss.backward()
-        opt.step()
+        step_bf16(batch())
 
     def full_clip_side_step() -> None:
         # the same step without restricting the clip side: every clip propagated (eq. 8 on C)
@@ -195,14 +192,12 @@ def child(args: argparse.Namespace) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = np.random.default_rng(0).permutation(len(u))
     ut, vt, wt = (torch.from_numpy(a) for a in (u, v, watched))
+    train_step = torch_step(task, opt)  # the trainers' step
     times = []
     for step in range(args.steps + 1):
         idx = torch.from_numpy(order[step * args.batch:(step + 1) * args.batch])
         start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, _ = task(InteractionBatch(ut[idx], vt[idx], wt[idx]))
-        loss.backward()
-        opt.step()
+        stats = train_step(InteractionBatch(ut[idx], vt[idx], wt[idx]))
         if step:  # step 0 is warm-up
             times.append(time.perf_counter() - start)
     steps_per_epoch = -(-len(u) // args.batch)
@@ -211,7 +206,7 @@ def child(args: argparse.Namespace) -> None:
                           step_s=float(np.mean(times)), steps_per_epoch=steps_per_epoch,
                           epoch_s=float(np.mean(times)) * steps_per_epoch,
                           peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                          loss=float(loss))))
+                          loss=float(stats["loss"]))))
 
 
 def sweep(args: argparse.Namespace) -> None:

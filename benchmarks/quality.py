@@ -29,6 +29,7 @@ from frame_dist.config import Config, load_config
 from frame_dist.evaluate.evaluation import split_pairs
 from frame_dist.graph.shards import build_shards
 from frame_dist.model.metrics import all_metrics
+from frame_dist.train.loop import torch_step
 from frame_dist.train.trainer import EvalData, TrainData, build_model, evaluate, train
 from frame_dist.train.worker_data import whole_graph
 
@@ -99,6 +100,13 @@ def baseline(store: Store, seed: int, epochs: int) -> dict[str, float]:
     labels = (data.train_watched == 4).float()
     rng = np.random.default_rng(seed)
 
+    def task(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            model(users[idx], video_features[videos[idx]]), labels[idx])
+        return loss, {"loss": loss.detach()}
+
+    step = torch_step(task, optimizer)  # the trainers' step, on the baseline's loss
+
     def scores(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         u, v, y = data.eval_sets[split]
         with torch.no_grad():
@@ -108,12 +116,7 @@ def baseline(store: Store, seed: int, epochs: int) -> dict[str, float]:
     best, best_auc = None, -1.0
     for _ in range(epochs):
         for idx in np.array_split(rng.permutation(len(users)), max(1, len(users) // 1024)):
-            idx = torch.as_tensor(idx)
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                model(users[idx], video_features[videos[idx]]), labels[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            step(torch.as_tensor(idx))
         auc = all_metrics(*scores("valid"), (5,))["auc"]
         if auc > best_auc:
             best_auc, best = auc, {k: v.clone() for k, v in model.state_dict().items()}

@@ -16,8 +16,8 @@ while it works, for several numbers of users M on the same videos, side by side 
 * ``gather``: the work of the driver *before* the change, which gathered every user on the
   driver: ``embeddings.sharded_embeddings`` (the same shard tasks, every user's H_u^p, H_u^n
   (M x d each) and the training pairs fetched into driver tables) followed by
-  ``scoring.fuse_tables`` (Z_u, M x G with G = 2H, plus the clip side), FRAME rebuilt from
-  model.pt with ``embeddings.rebuild_model``. Its scoring (the actors) is not run: only what
+  ``kernel.fuse_tables`` (Z_u, M x G with G = 2H, plus the clip side), FRAME rebuilt from
+  model.pt (``SavedModel.read(...).build()``). Its scoring (the actors) is not run: only what
   the old driver held is measured.
 
 How: for each M a store is built in a temporary directory with the project's own stages: the
@@ -27,7 +27,7 @@ synthetic world (``world.preset=custom``, the same ``--videos`` short videos for
 on an 8-frame grid, written directly as the tests do; no video is decoded or encoded), the
 graph (``partition.build_shards``, ``graph.n_shards`` shards, N_c = 4) and an **untrained**
 FRAME (d = 128, H = 256: the paper's sizes, seeded Xavier initialisation) saved as
-``runs/<run>/model.pt`` by the training stage's own writer (``train_loop.write_outputs``).
+``model.pt`` of the run by the training stage's own writer (``ray_loop.write_outputs``).
 Memory does not depend on the values, so neither the features nor the weights need to mean
 anything. The world shows each user about ``--train-per-user / 0.7`` videos, so that about
 ``--train-per-user`` of them fall in the train split (ingest keeps the last 30% for validation
@@ -138,6 +138,7 @@ def build_store(root: Path, args: argparse.Namespace, n_users: int) -> dict[str,
     from feature_store.store import Store
     from frame_dist.config import load_config
     from frame_dist.graph.shards import build_shards, graph_dir
+    from frame_dist.train.artifacts import TrainState
     from frame_dist.train.ray_loop import write_outputs
     from frame_dist.train.trainer import build_model
     from jobs import ingest as ingest_job
@@ -149,15 +150,14 @@ def build_store(root: Path, args: argparse.Namespace, n_users: int) -> dict[str,
     cfg = load_config(None, overrides)
     store = Store.from_config(cfg.store)
     write_random_features(store, args.seed)
-    manifest = build_shards(cfg, store)
+    manifest = build_shards(cfg, store).manifest
     model = build_model(cfg.model, FEATURE_DIM, seed=args.seed)  # untrained: values do not matter
-    write_outputs(cfg, store, model, {"history": [], "best_epoch": 0, "global_step": 0,
-                                      "resumes": []}, {}, "benchmark-untrained")
+    write_outputs(cfg, store, model, TrainState(fingerprint="benchmark-untrained"), {})
     (root / "overrides.json").write_text(json.dumps(overrides))
     manifest_bytes = len(store.read_bytes(f"{graph_dir(args.clips)}/_manifest.json"))
-    info = {"users": manifest["n_users"], "videos": manifest["n_videos"],
-            "train": manifest["n_train"], "manifest_bytes": manifest_bytes,
-            "chunks": sum(-(-s["users"] // args.users_per_chunk) for s in manifest["shards"]),
+    info = {"users": manifest.n_users, "videos": manifest.n_videos,
+            "train": manifest.n_train, "manifest_bytes": manifest_bytes,
+            "chunks": sum(-(-s.users // args.users_per_chunk) for s in manifest.shards),
             "seconds": time.perf_counter() - t0}
     print(f"store M={n_users}: {info['users']} users in the graph, {info['videos']} videos, "
           f"{info['train']:,} training interactions ({info['train'] / info['users']:.1f} per "
@@ -212,8 +212,9 @@ def child(mode: str, root: Path, out: Path) -> None:
     from feature_store.store import Store
     from frame_dist.config import load_config
     from frame_dist.ray_runtime import init_ray
-    from frame_dist.score import embeddings
+    from frame_dist.score import embeddings, kernel
     from frame_dist.score import pipeline as scoring
+    from frame_dist.train.artifacts import SavedModel
 
     cfg = load_config(None, json.loads((root / "overrides.json").read_text()))
     store = Store.from_config(cfg.store)
@@ -238,14 +239,12 @@ def child(mode: str, root: Path, out: Path) -> None:
             return summary
     else:
         def work() -> Any:
-            saved = torch.load(store.path(f"runs/{RUN}/model.pt"), map_location="cpu",
-                               weights_only=True)
-            model = embeddings.rebuild_model(saved)
-            n_clips = saved["config"]["graph"]["n_clips"]
+            saved = SavedModel.read(store, RUN)
+            model, n_clips = saved.build(), saved.n_clips
             emb = embeddings.sharded_embeddings(model, store, n_clips,
                                                 cfg.score.shard_task_cpus)
             with torch.inference_mode():
-                tables = scoring.fuse_tables(model, emb.h_c, emb.h_u_pos, emb.h_u_neg, n_clips)
+                tables = kernel.fuse_tables(model, emb.h_c, emb.h_u_pos, emb.h_u_neg, n_clips)
             extra.update(bytes_from_tasks=emb.bytes_from_tasks, shard_tasks=emb.tasks,
                          user_table_bytes=tables.user_table.numel() * 4)
             return emb, tables  # held until the peak is read

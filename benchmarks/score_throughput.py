@@ -22,7 +22,7 @@ Printed, side by side:
 1. the model's own forward, one pair per call (``FRAME.video_scores`` on precomputed
    embeddings): the naive per-pair baseline; and its batched form (``FRAME.score_block`` over
    user x video blocks), for context;
-2. the fused kernel (``frame_dist.score.pipeline.FusedScorer.top_k``, top-10 with seen videos
+2. the fused kernel (``frame_dist.score.kernel.FusedScorer.top_k``, top-10 with seen videos
    excluded, i.e. the actor's whole per-chunk work) over every user, eager and compiled
    (``torch.compile``; compile time printed apart), with its parity against ``score_block``;
 3. the whole job's Ray Data part (``run_scoring`` with the synthesised tables: actor pool,
@@ -51,13 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from feature_store.store import Store  # noqa: E402
 from frame_dist.config import load_config  # noqa: E402
 from frame_dist.model.frame import FRAME  # noqa: E402
-from frame_dist.score.pipeline import (  # noqa: E402
-    FusedScorer,
-    ScoringInputs,
-    chunk_tables,
-    fuse_tables,
-    run_scoring,
-)
+from frame_dist.score.kernel import FusedScorer, fuse_tables  # noqa: E402
+from frame_dist.score.pipeline import ScoringInputs, chunk_tables, run_scoring  # noqa: E402
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> float:

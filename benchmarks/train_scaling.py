@@ -33,8 +33,9 @@ from feature_store.store import Store
 from frame_dist.config import load_config
 from frame_dist.graph.shards import build_shards
 from frame_dist.model.loss import FRAMETrainTask
-from frame_dist.train.trainer import build_loss, build_model
-from frame_dist.train.worker_data import epoch_permutation, whole_graph
+from frame_dist.train.loop import engine_step, epoch_permutation, torch_step
+from frame_dist.train.trainer import autocast_for, build_loss, build_model
+from frame_dist.train.worker_data import whole_graph
 
 
 def make_store(root: str, users: int, videos: int, per_user: int, grid: int, seed: int) -> None:
@@ -72,17 +73,14 @@ def single_process(cfg, store: Store, steps: int) -> tuple[float, float]:
     task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model), data.clip_features,
                           data.graph)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    step = torch_step(task, optimizer, autocast_for("cpu", cfg.train.precision),
+                      cfg.train.grad_clip)  # the single-process trainer's step
     order = epoch_permutation(0, 1, data.n_train_global)
     b = cfg.train.batch_size
     times = []
-    for step in range(steps + 1):  # the first step warms up
+    for i in range(steps + 1):  # the first step warms up
         t0 = time.perf_counter()
-        batch = data.local_batch(order[step * b:(step + 1) * b], b, 1, "cpu")
-        loss, _ = task(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
+        step(data.local_batch(order[i * b:(i + 1) * b], b, 1, "cpu"))
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:])), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -117,23 +115,13 @@ def engine_overhead(cfg, steps: int, threads: int) -> tuple[float, float]:
         task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model), data.clip_features,
                               data.graph)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-        if use_deepspeed:
+        autocast = autocast_for("cpu", cfg.train.precision)
+        if use_deepspeed:  # the steps of the Ray Train worker and of the single-process trainer
             engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, 1),
                                                    dist_init_required=False)
-
-            def step(batch):
-                loss, _ = engine(batch)
-                engine.backward(loss)
-                engine.step()
-        else:
-            def step(batch):
-                loss, _ = task(batch)
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-        return data, step
+            return data, engine_step(engine, autocast)
+        return data, torch_step(task, optimizer, autocast, cfg.train.grad_clip)
 
     loops = [loop(False), loop(True)]
     order = epoch_permutation(0, 1, loops[0][0].n_train_global)
@@ -177,10 +165,10 @@ def main() -> None:
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     make_store(cfg.store.root, args.users, args.videos, args.per_user, 4, 0)
-    manifest = build_shards(cfg, Store.from_config(cfg.store))
-    print(f"store + graph in {time.perf_counter() - t0:.0f}s: {manifest['n_users']} users, "
-          f"{manifest['n_videos']} videos, nnz R^p {manifest['nnz_pos']:,}, "
-          f"R^n {manifest['nnz_neg']:,}, {manifest['n_train']:,} train interactions")
+    manifest = build_shards(cfg, Store.from_config(cfg.store)).manifest
+    print(f"store + graph in {time.perf_counter() - t0:.0f}s: {manifest.n_users} users, "
+          f"{manifest.n_videos} videos, nnz R^p {manifest.nnz_pos:,}, "
+          f"R^n {manifest.nnz_neg:,}, {manifest.n_train:,} train interactions")
 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)

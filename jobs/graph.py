@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from feature_store.lease import StageLease
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
@@ -18,23 +19,24 @@ from frame_dist.graph.shards import build_shards
 
 
 def graph(cfg: Config) -> None:
-    manifest = build_shards(cfg, Store.from_config(cfg.store))
-    if manifest.get("skipped"):
+    store = Store.from_config(cfg.store)
+    with StageLease(store, f"graph-nc{cfg.graph.n_clips}"):  # one build per N_c at a time
+        build = build_shards(cfg, store)
+    if build.skipped:
         print(f"graph N_c={cfg.graph.n_clips}: skipped (inputs and settings unchanged)")
         return
-    shards = manifest["shards"]
-    print(f"graph N_c={manifest['n_clips']}: {manifest['n_users']} users x "
-          f"{manifest['n_videos'] * manifest['n_clips']} clips, nnz R^p {manifest['nnz_pos']}, "
-          f"R^n {manifest['nnz_neg']}; {len(shards)} shard(s) with edges "
-          f"{[s['nnz_pos'] + s['nnz_neg'] for s in shards]}")
-    if manifest["dropped_no_features"]:
-        print(f"graph: {manifest['dropped_no_features']} interaction(s) left out: their videos "
+    m = build.manifest
+    print(f"graph N_c={m.n_clips}: {m.n_users} users x {m.n_videos * m.n_clips} clips, "
+          f"nnz R^p {m.nnz_pos}, R^n {m.nnz_neg}; {len(m.shards)} shard(s) with edges "
+          f"{[s.nnz_pos + s.nnz_neg for s in m.shards]}")
+    if m.dropped_no_features:
+        print(f"graph: {m.dropped_no_features} interaction(s) left out: their videos "
               "have no frame features (see the extract_errors table)")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(__doc__.splitlines()[0], argv)
-    return run_stage("graph", lambda: graph(cfg))
+    return run_stage("graph", lambda: graph(cfg), cfg)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
+from feature_store.lease import StageLease
 from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
@@ -26,18 +27,20 @@ from frame_dist.train.ray_loop import check_trainable, finished_run, run_trainin
 
 def train(cfg: Config) -> dict:
     store = Store.from_config(cfg.store)
-    check_trainable(cfg, store)  # refuse before any cluster time is spent
-    metrics = finished_run(cfg, store)
+    # the graph checked and the run's fingerprint computed once, before any cluster time
+    run = check_trainable(cfg, store)
+    metrics = finished_run(cfg, store, run.fingerprint)
     if metrics is not None:
         print(f"train: skipped (run {cfg.train.run_name} finished with these inputs and settings)")
     else:
-        if os.environ.get("RAY_ADDRESS"):
-            init_ray()  # joining a cluster costs nothing and gives the planner its memory
-        # memory per worker from the data statistics: an impossible setting fails here
-        # (PlanError, exit 1), before Ray Train starts a worker
-        print(plan_run(cfg, store).summary())
-        init_ray()
-        metrics = run_training(cfg, store)
+        with StageLease(store, f"train-{cfg.train.run_name}"):  # one job per run at a time
+            if os.environ.get("RAY_ADDRESS"):
+                init_ray()  # joining a cluster costs nothing and gives the planner its memory
+            # memory per worker from the data statistics: an impossible setting fails here
+            # (PlanError, exit 1), before Ray Train starts a worker
+            print(plan_run(cfg, store, manifest=run.manifest).summary())
+            init_ray()
+            metrics = run_training(cfg, store, run)
     test = metrics["test"]
     print(f"train: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; test "
           + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
@@ -46,7 +49,7 @@ def train(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(__doc__.splitlines()[0], argv)
-    return run_stage("train", lambda: train(cfg))
+    return run_stage("train", lambda: train(cfg), cfg)
 
 
 if __name__ == "__main__":

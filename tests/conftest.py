@@ -12,6 +12,9 @@
 - ``make_video``: writes a real H.264 mp4 whose frame k is a solid grey of level
   ``(k * step) % 256`` (decoded frames reveal their index), with optional per-frame timestamps
   (variable frame rate), keyframe interval and faststart layout.
+- ``tiny_ingest`` / ``tiny_world`` / ``score_world`` / ``score_reference`` (session): the tiny
+  synthetic worlds of tests/worlds.py, built once per run. They are shared: a module that writes
+  to one works on a copy (``worlds.copy_store``, ``worlds.fresh_copy``).
 """
 
 from __future__ import annotations
@@ -191,3 +194,66 @@ def make_video(tmp_path) -> Callable[..., Path]:
         return write_video(tmp_path / name, n_frames, **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ingest(tmp_path_factory) -> tuple:
+    """(cfg, store, overrides): the world of ``worlds.TINY_WORLD`` generated and ingested."""
+    from worlds import ingest_world
+
+    return ingest_world(tmp_path_factory.mktemp("tiny-ingest"))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tiny_ingest, tmp_path_factory) -> tuple:
+    """(cfg, store, overrides): ``tiny_ingest`` + topic frame features + the graph (N_c = 4, 2
+    shards), as every stage after extraction reads it. No run is trained in it."""
+    from worlds import copy_store, write_topic_features
+
+    from frame_dist.graph.shards import build_shards
+
+    _, ingested, overrides = tiny_ingest
+    cfg, store, overrides = copy_store(ingested, overrides,
+                                       tmp_path_factory.mktemp("tiny-world") / "store")
+    write_topic_features(store)
+    build_shards(cfg, store)
+    return cfg, store, overrides
+
+
+@pytest.fixture(scope="session")
+def score_world(tiny_ingest, tmp_path_factory) -> tuple:
+    """(cfg, store, overrides, no_features): the score tests' world (tests/test_score.py).
+
+    ``tiny_ingest`` with two cold users (``worlds.COLD``: only test rows), a ``worlds.GHOST``
+    who watched only ``no_features`` (a video without frame features, so absent from the
+    graph), and a FRAME trained by the single-process trainer, saved as ``runs/tiny/model.pt``
+    by the training stage's writer. tests/test_score.py commits its scores table here.
+    """
+    from worlds import (
+        SCORE_SETTINGS,
+        copy_store,
+        edit_interactions,
+        train_and_save,
+        write_topic_features,
+    )
+
+    from frame_dist.graph.shards import build_shards
+
+    _, ingested, overrides = tiny_ingest
+    cfg, store, overrides = copy_store(ingested, overrides,
+                                       tmp_path_factory.mktemp("score") / "store",
+                                       *SCORE_SETTINGS)
+    no_features = sorted(store.table("videos").read()["video_id"].to_pylist())[-1]
+    edit_interactions(store, no_features)
+    write_topic_features(store, skip=no_features)
+    build_shards(cfg, store)
+    train_and_save(cfg, store)
+    return cfg, store, overrides, no_features
+
+
+@pytest.fixture(scope="session")
+def score_reference(score_world) -> tuple:
+    """``worlds.score_reference`` of ``score_world``: every pair's forward score, seen pairs."""
+    from worlds import score_reference
+
+    return score_reference(score_world)

@@ -1,4 +1,8 @@
-"""The extract stage on Ray Data: real videos, bad files, resume after a kill, S3, identity."""
+"""The extract stage on Ray Data: real videos, bad files, resume after a kill, S3, identity,
+videos that changed since their commit, declared durations that disagree with the stream.
+
+Every test that runs Ray Data (the session's ``ray_local``) is marked ``slow``.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torchvision
 import jobs.extract
 from feature_store.frames import (
     EncoderIdentityError,
+    committed_sources,
     committed_video_ids,
     read_clip_features,
     read_frame_features,
@@ -33,6 +38,7 @@ from frame_dist.extract.pipeline import (
     run_extract,
     unpack_rows,
 )
+from frame_dist.extract.sources import LIST_MIN_OBJECTS, source_change, source_identities
 from frame_dist.extract.video import decode_grid, grid_times
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +50,7 @@ BAD_REASONS = {
     "text": "not a readable media file (Invalid data found when processing input)",
     "truncated": "not a readable media file (Invalid data found when processing input)",
     "cut": "truncated: frames end at 1.900 s of a 4.000 s video",
-    "audio": "no video stream (streams: audio)",
+    "audio": "the file has no video stream (streams: audio)",
 }
 FP16_TOL = dict(rtol=2e-3, atol=2e-3)  # one float16 ulp: float32 sums may round either way
 
@@ -121,6 +127,7 @@ def reference_features(videos: Videos, ids: list[str], cfg: Config) -> np.ndarra
 # ----------------------------------------------------------------------- local store
 
 
+@pytest.mark.slow
 def test_good_videos_extracted_bad_ones_reported(local_run):
     s = local_run.summary
     assert (s.done, s.skipped, s.failed, s.frames) == (6, 0, 6, 6 * G)
@@ -132,6 +139,7 @@ def test_good_videos_extracted_bad_ones_reported(local_run):
     assert committed_video_ids(local_run.store) == set(GOOD)
 
 
+@pytest.mark.slow
 def test_parts_list_their_videos_and_precision(local_run):
     parts = local_run.store.table("frame_features").parts()
     assert sorted(v for p in parts for v in p.meta["video_ids"]) == sorted(GOOD)
@@ -140,6 +148,7 @@ def test_parts_list_their_videos_and_precision(local_run):
     assert {p.meta["precision"] for p in parts} == {"float32"}
 
 
+@pytest.mark.slow
 def test_features_match_a_single_process_reference(local_run, videos):
     ids, feats = read_frame_features(local_run.store)
     assert ids.tolist() == sorted(GOOD)
@@ -152,6 +161,7 @@ def test_features_match_a_single_process_reference(local_run, videos):
     np.testing.assert_allclose(rows.column("time_s").to_numpy(), grid_times(2.5, G))
 
 
+@pytest.mark.slow
 def test_clip_features_are_means_of_the_right_grid_frames(local_run):
     ids, frames = read_frame_features(local_run.store)
     f = frames.astype(np.float64)
@@ -167,6 +177,7 @@ def test_clip_features_are_means_of_the_right_grid_frames(local_run):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_identity_mismatch_is_refused_before_any_work(local_run, capsys):
     cfg = make_config(local_run.cfg.store.root, weights_seed=1)
     with pytest.raises(EncoderIdentityError, match=r"weights: stored 'random\(seed=0, torch="
@@ -182,6 +193,7 @@ def test_identity_mismatch_is_refused_before_any_work(local_run, capsys):
 # ----------------------------------------------------------------------- resume after a kill
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_and_state_dict_matches_a_clean_run(
         tmp_path, videos, local_run, ray_local, capsys):
     # weights: a state-dict file of the model weights=random, weights_seed=0 builds, so the
@@ -222,6 +234,7 @@ def test_killed_driver_resumes_and_state_dict_matches_a_clean_run(
 # ----------------------------------------------------------------------- weights, S3, misc
 
 
+@pytest.mark.slow
 def test_s3_videos_and_store(s3_server, aws_test_env, videos, local_run):
     bucket = s3_server.bucket("extract")
     ids = ["cfr12", "vfr", "tall"]
@@ -253,6 +266,28 @@ def test_s3_videos_and_store(s3_server, aws_test_env, videos, local_run):
     errors = reader.table("extract_errors").read().to_pylist()
     assert sorted((r["input_id"], r["uri"]) for r in errors) == [
         ("s3empty", uris["s3empty"]), ("s3missing", uris["s3missing"])]
+    # the rerun replaced extract_errors and deleted the part file of the first run
+    error_parts = [k for k in s3_server.objects(bucket)
+                   if k.startswith("store/tables/extract_errors/parts/")]
+    assert error_parts == [f"store/tables/extract_errors/{p.path}"
+                           for p in reader.table("extract_errors").parts()]
+
+    # an object overwritten with another video under the same key: a new ETag, extracted again
+    def head(key: str) -> tuple[int, str]:
+        h = s3_server.client.head_object(Bucket=bucket, Key=key)
+        return h["ContentLength"], h["ETag"]
+
+    (size0, etag0) = head("raw/cfr12.mp4")
+    s3_server.client.put_object(Bucket=bucket, Key="raw/cfr12.mp4",
+                                Body=Path(videos.uris["gop25"]).read_bytes())
+    (size1, etag1) = head("raw/cfr12.mp4")
+    changed = run_extract(cfg, store)
+    assert (changed.done, changed.skipped, changed.failed) == (1, 2, 2)
+    assert changed.changed == {
+        "cfr12": f"file changed: size {size0} -> {size1}, etag {etag0} -> {etag1}"}
+    feats = read_frame_features(reader, ["cfr12"])[1]
+    np.testing.assert_allclose(feats.astype(np.float32), read_frame_features(
+        local_run.store, ["gop25"])[1].astype(np.float32), **FP16_TOL)
 
     written = s3_server.objects(bucket)
     assert any(k.startswith("store/tables/frame_features/parts/") for k in written)
@@ -261,6 +296,125 @@ def test_s3_videos_and_store(s3_server, aws_test_env, videos, local_run):
             assert secret.encode() not in body, f"credential written into s3://{bucket}/{key}"
 
 
+# ----------------------------------------------------------------------- changed videos
+
+
+def test_source_identities_and_changes(tmp_path, s3_server, aws_test_env, videos):
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    a.write_bytes(Path(videos.uris["cfr10"]).read_bytes())
+    b.write_bytes(Path(videos.uris["short"]).read_bytes())
+    before = source_identities([str(a), str(b), str(tmp_path / "gone.mp4")])
+    st = a.stat()
+    assert before == [{"uri": str(a), "size": st.st_size, "mtime_ns": st.st_mtime_ns},
+                      {"uri": str(b), "size": b.stat().st_size, "mtime_ns": b.stat().st_mtime_ns},
+                      {"uri": str(tmp_path / "gone.mp4")}]  # unreadable now: no size
+    assert source_change(before[0], before[0]) is None
+    a.write_bytes(Path(videos.uris["gop25"]).read_bytes())  # same uri, other content
+    now = source_identities([str(a)])[0]
+    assert source_change(before[0], now) == (
+        f"file changed: size {st.st_size} -> {a.stat().st_size}, mtime_ns {st.st_mtime_ns} -> "
+        f"{a.stat().st_mtime_ns}")
+    assert source_change(before[0], dict(before[1], uri="/x/b.mp4")) == (
+        f"uri changed: {a} -> /x/b.mp4")
+    assert source_change(None, now) is None  # committed without an identity: trusted by id
+    a.unlink()  # deleted after extraction: nothing to re-extract from, the features stay
+    assert source_change(before[0], source_identities([str(a)])[0]) is None
+
+    # S3: one LIST for a prefix holding many of the videos, a HEAD per object otherwise
+    bucket = s3_server.bucket("sources")
+    many = [f"many/v{i}.mp4" for i in range(LIST_MIN_OBJECTS)]
+    for i, key in enumerate([*many, "few/v.mp4"]):
+        s3_server.client.put_object(Bucket=bucket, Key=key, Body=b"x" * (10 + i))
+    keys = [*many, "few/v.mp4", "many/absent.mp4", "few/absent.mp4"]
+    got = source_identities([f"s3://{bucket}/{k}" for k in keys], s3_server.endpoint_url)
+    for key, ident in zip(keys, got):
+        if "absent" in key:
+            assert ident == {"uri": f"s3://{bucket}/{key}"}
+            continue
+        head = s3_server.client.head_object(Bucket=bucket, Key=key)
+        assert ident == {"uri": f"s3://{bucket}/{key}", "size": head["ContentLength"],
+                         "etag": head["ETag"]}
+    s3_server.client.put_object(Bucket=bucket, Key="few/v.mp4", Body=b"y" * 18)
+    new = source_identities([f"s3://{bucket}/few/v.mp4"], s3_server.endpoint_url)[0]
+    assert source_change(got[LIST_MIN_OBJECTS], new) == (
+        f"file changed: etag {got[LIST_MIN_OBJECTS]['etag']} -> {new['etag']}")
+
+
+@pytest.mark.slow
+def test_changed_videos_are_extracted_again_and_read_back(tmp_path, videos, local_run,
+                                                          ray_local, capsys):
+    cfg = make_config(str(tmp_path / "store"))
+    store = Store.from_config(cfg.store)
+    a = tmp_path / "a.mp4"
+    a.write_bytes(Path(videos.uris["cfr10"]).read_bytes())
+    uris = {"a": str(a), "b": videos.uris["cfr12"], "c": videos.uris["short"]}
+
+    def write_videos() -> None:
+        store.table("videos").write(pa.table({"video_id": list(uris), "uri": list(uris.values()),
+                                              "duration_s": pa.nulls(3, pa.float64())}))
+
+    write_videos()
+    first = run_extract(cfg, store)
+    assert (first.done, first.skipped, first.failed, first.changed) == (3, 0, 0, {})
+    old = a.stat()
+    a.write_bytes(Path(videos.uris["gop25"]).read_bytes())  # same id and uri, other content
+    new = a.stat()
+    uris["b"] = videos.uris["vfr"]  # same id, another file
+    write_videos()
+    capsys.readouterr()
+
+    second = run_extract(cfg, store)
+    why = {"a": f"file changed: size {old.st_size} -> {new.st_size}, mtime_ns "
+                f"{old.st_mtime_ns} -> {new.st_mtime_ns}",
+           "b": f"uri changed: {videos.uris['cfr12']} -> {videos.uris['vfr']}"}
+    assert (second.done, second.skipped, second.failed) == (2, 1, 0)
+    assert second.changed == why
+    out = capsys.readouterr().out
+    for vid in "ab":
+        assert f"extract: {vid} changed since its commit ({why[vid]}): extracting it again" in out
+    assert (f"; re-extracted 2 changed video(s): a ({why['a']}), b ({why['b']})"
+            in second.line()) and second.line() in out
+    # the readers take the new features; the old ones are never read again
+    ids, feats = read_frame_features(store, ["a", "b", "c"])
+    _, ref = read_frame_features(local_run.store, ["gop25", "vfr", "short"])
+    np.testing.assert_allclose(feats.astype(np.float32), ref.astype(np.float32), **FP16_TOL)
+    clips = read_clip_features(store, 2, ["a"])
+    np.testing.assert_allclose(clips.features, read_clip_features(
+        local_run.store, 2, ["gop25"]).features, **FP16_TOL)
+    assert committed_sources(store)["a"] == {"uri": str(a), "size": new.st_size,
+                                             "mtime_ns": new.st_mtime_ns}
+
+    third = run_extract(cfg, store)  # nothing changed since
+    assert (third.done, third.skipped, third.failed, third.changed) == (0, 3, 0, {})
+
+
+@pytest.mark.slow
+def test_declared_durations_far_from_the_stream_are_extract_errors(tmp_path, videos, ray_local):
+    cfg = make_config(str(tmp_path / "store"))
+    store = Store.from_config(cfg.store)
+    declared = {"cfr10": 0.5, "cfr12": 6.0, "short": 0.35}  # streams: 2.0, 2.5, 0.3 s
+    store.table("videos").write(pa.table({
+        "video_id": list(declared), "uri": [videos.uris[v] for v in declared],
+        "duration_s": list(declared.values())}))
+    reasons = {
+        "cfr10": "declared duration 0.5 s (duration_s of the videos table) is shorter than the "
+                 "stream's 2.0 s",
+        "cfr12": "declared duration 6.0 s (duration_s of the videos table) is beyond the "
+                 "stream's 2.5 s",
+    }
+    errors = store.table("extract_errors")
+    for run in range(2):  # the rerun retries the failures and replaces extract_errors
+        s = run_extract(cfg, store)
+        assert (s.done, s.skipped, s.failed) == (1 - run, run, 2)
+        assert s.failures == reasons
+        assert {r["input_id"]: (r["uri"], r["reason"]) for r in errors.read().to_pylist()} == {
+            v: (videos.uris[v], reasons[v]) for v in reasons}
+    assert committed_video_ids(store) == {"short"}  # within max(0.5 s, 5 %) of its 0.3 s
+    parts = sorted(os.listdir(store.path("tables", "extract_errors", "parts")))
+    assert [f"parts/{name}" for name in parts] == [p.path for p in errors.parts()]  # just one
+
+
+@pytest.mark.slow
 def test_every_video_failing_fails_the_job(tmp_path, videos, ray_local, capsys):
     cfg = make_config(str(tmp_path / "store"))
     Store.from_config(cfg.store).table("videos").write(videos.table(["missing", "empty"]))
@@ -271,6 +425,7 @@ def test_every_video_failing_fails_the_job(tmp_path, videos, ray_local, capsys):
             "'file not found')") in err
 
 
+@pytest.mark.slow
 def test_bad_videos_tables_and_devices(tmp_path, videos, ray_local):
     cfg = make_config(str(tmp_path / "store"))
     store = Store.from_config(cfg.store)

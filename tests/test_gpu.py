@@ -8,9 +8,9 @@ Each test computes the same thing on the CPU in float32 and on the GPU as the jo
 - FRAME's forward and backward on CUDA under bf16 autocast against fp32 on the CPU, including
   the sparse products (kept fp32) and the gradient of every parameter;
 - a short single-process training run on CUDA (precision auto = bf16) against the CPU's;
-- Ray Train + DeepSpeed with one GPU worker (NCCL, bf16) on the tiny world of
-  tests/test_train_loop.py: it trains, writes model.pt, and its test AUC is that of a CPU run
-  within the bf16 tolerance;
+- Ray Train + DeepSpeed with one GPU worker (NCCL, bf16) on the tiny world (``tiny_world``,
+  tests/conftest.py) in one graph shard: it trains, writes model.pt, and its test AUC is that
+  of a CPU run within the bf16 tolerance;
 - the score job with GPU actors (chosen because the cluster has a GPU) against the model's own
   forward on the CPU.
 
@@ -22,13 +22,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_score import (  # tests/ is on sys.path; the score tests' module store (fixtures)
-    _assert_same_lists,
-    _fresh,
-    _lists,
-    _naive_top_k,
-    reference,  # noqa: F401 - a fixture
-    world,  # noqa: F401 - a fixture
+from worlds import (  # tests/ is on sys.path (pytest)
+    assert_same_lists,
+    copy_store,
+    fresh_copy,
+    naive_top_k,
+    top_k_lists,
 )
 
 pytestmark = [
@@ -55,7 +54,7 @@ def test_encoder_on_cuda_matches_cpu() -> None:
 
 
 def test_fused_scorer_on_cuda_matches_cpu() -> None:
-    from frame_dist.score.pipeline import FusedScorer
+    from frame_dist.score.kernel import FusedScorer
 
     g = torch.Generator().manual_seed(0)
     t_c = torch.randn(300, 4, 64, generator=g)  # (V, N_c, G)
@@ -149,22 +148,16 @@ def test_single_process_training_on_cuda_matches_cpu() -> None:
 
 
 @pytest.mark.slow
-def test_ray_train_one_gpu_worker(ray_local, tmp_path) -> None:
-    from test_train_loop import BASE, _write_topic_features
-
-    from feature_store.store import Store
+def test_ray_train_one_gpu_worker(ray_local, tiny_world, tmp_path) -> None:
     from frame_dist.config import load_config
     from frame_dist.graph.shards import build_shards
+    from frame_dist.train.artifacts import run_path
     from frame_dist.train.ray_loop import run_training
-    from jobs import ingest as ingest_job
 
-    overrides = [*BASE, f"store.root={tmp_path}/store", f"world.out_dir={tmp_path}/world",
-                 "graph.n_shards=1", "train.workers=1"]
-    assert ingest_job.main(overrides) == 0
-    cfg = load_config(None, overrides)
-    store = Store.from_config(cfg.store)
-    _write_topic_features(store)
-    build_shards(cfg, store)
+    _, world_store, world_overrides = tiny_world
+    cfg, store, overrides = copy_store(world_store, world_overrides, tmp_path / "store",
+                                       "graph.n_shards=1", "train.workers=1")
+    build_shards(cfg, store)  # the graph again, in one shard
     gpu = run_training(load_config(None, [*overrides, "train.use_gpu=true",
                                           "train.run_name=gpu"]), store)
     cpu = run_training(load_config(None, [*overrides, "train.use_gpu=false",
@@ -173,19 +166,20 @@ def test_ray_train_one_gpu_worker(ray_local, tmp_path) -> None:
     for g, c in zip(gpu["history"], cpu["history"]):
         assert g["loss"] == pytest.approx(c["loss"], rel=5e-2)
     assert gpu["test"]["auc"] == pytest.approx(cpu["test"]["auc"], abs=0.1)
-    saved = torch.load(store.path("runs/gpu/model.pt"), map_location="cpu", weights_only=True)
+    saved = torch.load(store.path(run_path("gpu", "model.pt")), map_location="cpu",
+                       weights_only=True)
     assert all(v.device.type == "cpu" for v in saved["state_dict"].values())
 
 
 @pytest.mark.slow
-def test_score_job_uses_gpu_actors(world, reference, ray_local, tmp_path) -> None:  # noqa: F811
+def test_score_job_uses_gpu_actors(score_world, score_reference, ray_local, tmp_path) -> None:
     """Default settings on a cluster with GPUs: one GPU actor per GPU; the lists of the CPU
     forward."""
     from frame_dist.score.pipeline import read_scores, run_scoring
 
     gpus = int(ray_local.cluster_resources().get("GPU", 0))
     assert gpus >= 1
-    cfg, store, _ = _fresh(world, tmp_path)
+    cfg, store, _ = fresh_copy(score_world, tmp_path)
     summary = run_scoring(cfg, store)
     assert summary.actors == min(gpus, summary.chunks) and summary.kernel == "eager"
-    _assert_same_lists(_lists(read_scores(store)), _naive_top_k(reference, 3, True))
+    assert_same_lists(top_k_lists(read_scores(store)), naive_top_k(score_reference, 3, True))

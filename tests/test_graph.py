@@ -1,7 +1,10 @@
-"""Graph building: clip labels, R^p / R^n, normalisation, id maps, slicing, torch conversion."""
+"""Graph building: clip labels, R^p / R^n, normalisation, id maps, slicing, torch conversion,
+clip ids, the graph manifest's reader and writer."""
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from feature_store.store import Store
 from frame_dist.graph.clip_graph import (
     GraphError,
     IdMap,
@@ -22,6 +26,15 @@ from frame_dist.graph.clip_graph import (
     slice_users,
     to_torch,
 )
+from frame_dist.graph.manifest import (
+    GraphManifest,
+    ManifestError,
+    PartitionError,
+    ShardInfo,
+    manifest_path,
+)
+from frame_dist.graph.shards import check_graph, read_graph_manifest
+from frame_dist.model.propagation import clip_ids
 
 N_C = 4
 
@@ -266,3 +279,125 @@ def test_torch_conversions(hand_graph) -> None:
     np.testing.assert_array_equal(pg.pos.transpose.to_dense().numpy(), dense.T)
     np.testing.assert_array_equal(pg.neg.matrix.to_dense().numpy(), hand_graph.neg_norm.toarray())
     assert to_torch(hand_graph, with_negative=False).neg is None
+
+
+def test_clip_ids_hand_written() -> None:
+    expected = np.array([8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6, 7])  # videos 2, 0, 1; N_c = 4
+    got = clip_ids(np.array([2, 0, 1], dtype=np.int32), 4)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, expected)
+    t = clip_ids(torch.tensor([2, 0, 1]), 4)
+    assert t.dtype == torch.int64
+    assert torch.equal(t, torch.from_numpy(expected))
+    np.testing.assert_array_equal(clip_ids(3, 2), [6, 7])  # a scalar is one video
+    assert clip_ids(np.zeros(0, np.int64), 4).shape == (0,)
+
+
+def _manifest_json() -> dict:
+    """A graph manifest as build_shards writes it (layout 2): N_c = 4, 3 videos, 2 shards."""
+    tables = ("users", "videos", "pos", "neg", "train", "valid", "test")
+    return {
+        "layout": 2, "n_clips": 4, "n_shards": 2, "positives": "full_watch",
+        "n_users": 5, "n_videos": 3, "n_train": 9, "nnz_pos": 20, "nnz_neg": 4,
+        "dropped_no_features": 1, "user_ids_file": "users-abc.parquet",
+        "video_ids": ["a", "b", "c"],
+        "shards": [{"users": 3, "videos": 2, "nnz_pos": 12, "nnz_neg": 1, "train": 5,
+                    "valid": 1, "test": 1},
+                   {"users": 2, "videos": 3, "nnz_pos": 8, "nnz_neg": 3, "train": 4,
+                    "valid": 0, "test": 2}],
+        "files": [{t: f"shard{k:04d}-{t}-x.parquet" for t in tables} for k in range(2)],
+        "feature_mean": [0.5, -1.25], "feature_std": [2.0, 0.75],
+        "fingerprint": "f" * 64,
+    }
+
+
+def test_graph_manifest_round_trip(tmp_path) -> None:
+    raw = _manifest_json()
+    manifest = GraphManifest.from_json(copy.deepcopy(raw), "test")
+    assert manifest.n_users == 5 and manifest.video_ids == ["a", "b", "c"]
+    assert manifest.shards[1] == ShardInfo(users=2, videos=3, nnz_pos=8, nnz_neg=3, train=4,
+                                           valid=0, test=2)
+    assert manifest.files[1]["neg"] == "shard0001-neg-x.parquet"
+    assert manifest.feature_std == [2.0, 0.75]
+    store = Store(str(tmp_path))
+    manifest.write(store)
+    assert store.read_json(manifest_path(4)) == raw  # the file format, key for key
+    assert read_graph_manifest(store, 4) == manifest
+    assert read_graph_manifest(store, 8) is None
+
+
+_RERUN = "run the graph stage again (python -m jobs.graph ...)"
+
+
+def _without(name: str):
+    return lambda m: m.pop(name)
+
+
+def _set(value, *path):
+    def change(m):
+        for key in path[:-1]:
+            m = m[key]
+        m[path[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("change,problem", [
+    (_without("n_train"), "field n_train is missing"),
+    (_set("5", "n_users"), 'field n_users must be an integer >= 0, not "5"'),
+    (_set(True, "n_videos"), "field n_videos must be an integer >= 0, not true"),
+    (_set(-1, "nnz_pos"), "field nnz_pos must be an integer >= 0, not -1"),
+    (_set(1.5, "shards", 1, "nnz_neg"), "field shards[1].nnz_neg must be an integer >= 0, "
+                                        "not 1.5"),
+    (lambda m: m["files"][0].pop("neg"), "field files[0].neg is missing"),
+    (_set("x", "files", 1, "extra"), "field files[1].extra is not a table of a shard "
+                                     "('users', 'videos', 'pos', 'neg', 'train', 'valid', "
+                                     "'test')"),
+    (_set(7, "video_ids", 2), "field video_ids[2] must be a string, not 7"),
+    (_set({"a": 1}, "video_ids"), 'field video_ids must be a list, not {"a": 1}'),
+    (_set(None, "feature_mean", 0), "field feature_mean[0] must be a number, not null"),
+    (_set(3, "n_shards"), "field shards has 2 entries, field n_shards is 3"),
+    (_set(["a"], "video_ids"), "field video_ids has 1 entries, field n_videos is 3"),
+    (_set(8, "n_clips"), "field n_clips is 8, its directory is for N_c=4"),
+    (_set(3, "layout"), "field layout is 3, this frame-dist reads layout 2"),
+])
+def test_graph_manifest_refuses_a_bad_field(tmp_path, change, problem) -> None:
+    store = Store(str(tmp_path))
+    raw = _manifest_json()
+    change(raw)
+    store.write_json(manifest_path(4), raw)
+    expected = f"graph manifest {store.uri(manifest_path(4))}: {problem}: {_RERUN}"
+    with pytest.raises(ManifestError) as error:
+        read_graph_manifest(store, 4)
+    assert str(error.value) == expected
+    with pytest.raises(PartitionError) as error:  # training refuses it before any worker
+        check_graph(store, 4, 1)
+    assert str(error.value) == expected
+
+
+@pytest.mark.parametrize("layout", [None, 1])
+def test_graph_manifest_refuses_an_older_layout(tmp_path, layout) -> None:
+    store = Store(str(tmp_path))
+    raw = _manifest_json() | {"user_ids": ["u0", "u1"]}  # layout 1 listed the user ids
+    if layout is None:
+        raw.pop("layout")  # layout 1 had no field either
+    else:
+        raw["layout"] = layout
+    store.write_json(manifest_path(4), raw)
+    with pytest.raises(ManifestError) as error:
+        read_graph_manifest(store, 4)
+    assert str(error.value) == (
+        f"the graph for N_c=4 ({store.uri(manifest_path(4))}) was built by an older frame-dist "
+        f"(its user ids are not in Parquet files): {_RERUN}")
+
+
+def test_graph_manifest_refuses_a_file_that_is_not_json(tmp_path) -> None:
+    store = Store(str(tmp_path))
+    store.write_text(manifest_path(4), '{"layout": 2,')
+    with pytest.raises(ManifestError, match=r"graph manifest .*/graphs/nc=4/_manifest\.json is "
+                                            r"not valid JSON \(.*\): run the graph stage again"):
+        read_graph_manifest(store, 4)
+    store.write_text(manifest_path(4), json.dumps(["a list"]))
+    with pytest.raises(ManifestError) as error:
+        read_graph_manifest(store, 4)
+    assert str(error.value) == (f"graph manifest {store.uri(manifest_path(4))} is not a JSON "
+                                f"object: {_RERUN}")

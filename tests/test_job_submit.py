@@ -38,6 +38,8 @@ from ray_head import RayHead, start_ray_head  # tests/ is on sys.path under pyte
 
 from feature_store.store import Store
 from frame_dist.config import Config, load_config
+from frame_dist.graph.shards import read_graph_manifest
+from frame_dist.train.artifacts import run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -132,7 +134,7 @@ def check_stage_outputs(stage: str, store: Store, cfg: Config) -> None:
     for table in STAGE_TABLES.get(stage, []):
         assert store.table(table).manifest() is not None, f"stage {stage}: {table} not committed"
         assert store.exists("tables", table, "_manifest.json")
-    run = f"runs/{cfg.train.run_name}"
+    run = run_dir(cfg.train.run_name)
     if stage == "ingest":
         video_ids = set(store.table("videos").read().column("video_id").to_pylist())
         assert len(video_ids) == cfg.world.n_videos
@@ -148,11 +150,12 @@ def check_stage_outputs(stage: str, store: Store, cfg: Config) -> None:
         assert set(features.column("grid_index").to_pylist()) == set(range(cfg.extract.grid_size))
     elif stage == "graph":
         graph_dir = f"graphs/nc={cfg.graph.n_clips}"
-        manifest = store.read_json(f"{graph_dir}/_manifest.json")
-        assert manifest["n_clips"] == cfg.graph.n_clips
-        assert manifest["n_videos"] == cfg.world.n_videos
-        assert len(manifest["shards"]) == len(manifest["files"]) == cfg.graph.n_shards
-        for files in manifest["files"]:
+        manifest = read_graph_manifest(store, cfg.graph.n_clips)
+        assert manifest is not None
+        assert manifest.n_clips == cfg.graph.n_clips
+        assert manifest.n_videos == cfg.world.n_videos
+        assert len(manifest.shards) == len(manifest.files) == cfg.graph.n_shards
+        for files in manifest.files:
             for name in files.values():
                 assert store.exists(graph_dir, name), f"graph shard file {name} missing"
     elif stage == "train":

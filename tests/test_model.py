@@ -257,6 +257,37 @@ def test_score_block_matches_pairs(data) -> None:
     assert block[0].argmax() not in top_videos[0]
 
 
+@pytest.mark.parametrize("use_negative", [True, False])
+def test_fused_verbs_reproduce_pair_scores(data, use_negative) -> None:
+    """sum_j w^T ReLU(Z_u - T_{v,j}) + beta from the model's fused tables = its pair scores."""
+    model = make_model(use_negative, True, True)
+    pg = data["pg"] if use_negative else to_torch(data["graph"], with_negative=False)
+    users, videos = data["users"], data["videos"]
+    some = torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        h_c, h_u_pos, h_u_neg = model.embeddings(data["x"], pg)
+        z_u = model.fused_user_table(h_u_pos, h_u_neg)  # (M, G)
+        t_c, w, beta = model.fused_clip_side(h_c, N_C)  # (N, N_c, G), (G,), float
+        t_some, w_some, beta_some = model.fused_clip_side(h_c, N_C, some)
+        pairs = model.score_pairs(data["x"], pg, users, videos)  # (B,)
+        full = model.video_scores(users, videos, h_c, h_u_pos, h_u_neg, N_C)  # (B,)
+        block = model.score_block(h_u_pos, h_u_neg, h_c.view(N, N_C, D))  # (M, N)
+    g = H * (2 if use_negative else 1)
+    assert z_u.shape == (M, g) and t_c.shape == (N, N_C, g) and w.shape == (g,)
+    assert isinstance(beta, float) and beta != 0.0  # the output biases are non-zero here
+    fused = (torch.relu(z_u[users, None] - t_c[videos]) @ w).sum(-1) + beta  # (B,)
+    torch.testing.assert_close(fused, pairs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused, full, atol=1e-5, rtol=0)
+    every = (torch.relu(z_u[:, None, None] - t_c[None]) @ w).sum(-1) + beta  # (M, N)
+    torch.testing.assert_close(every, block, atol=1e-5, rtol=0)
+    assert torch.equal(z_u[M - 1], torch.zeros(g))  # a user without edges: Z_u = 0
+    torch.testing.assert_close(t_some, t_c[some], atol=1e-5, rtol=0)  # a subset of videos
+    assert torch.equal(w_some, w) and beta_some == beta
+    if use_negative:
+        with pytest.raises(ValueError, match="h_u_neg is None"):
+            model.fused_user_table(h_u_pos, None)
+
+
 def test_preference_mlp_equals_concatenation() -> None:
     torch.manual_seed(1)
     mlp = PreferenceMLP(4, 6)
@@ -382,9 +413,11 @@ def test_partitioned_users_give_the_same_scores(data) -> None:
     h_b = {"pos": torch.relu(model.w_pos_1(local.users_from_clips(shard_b.pos, h_c0))),
            "neg": torch.relu(model.w_neg_1(local.users_from_clips(shard_b.neg, h_c0)))}
     users, videos = torch.tensor([0, 3, 1]), torch.tensor([2, 6, 4])
-    model.propagation = ShardSumPropagation(shard_a, shard_b, h_b)
-    sharded = model.score_pairs(data["x"], shard_a, users, videos)
-    model.propagation = local
+    # the same weights, built with the shard propagation (a model's propagation is never swapped)
+    sharded_model = FRAME(**model.model_args(),
+                          propagation=ShardSumPropagation(shard_a, shard_b, h_b))
+    sharded_model.load_state_dict(model.state_dict())
+    sharded = sharded_model.score_pairs(data["x"], shard_a, users, videos)
     whole = model.score_pairs(data["x"], data["pg"], users, videos)
     torch.testing.assert_close(sharded, whole, atol=1e-6, rtol=1e-5)
 

@@ -103,8 +103,8 @@ def test_expected_edges_equal_the_built_graph(hand_store, tmp_path, n_clips, pos
     import shutil  # build the real graph on a copy (each parameter builds its own)
 
     shutil.copytree(store.path(), tmp_path / "s")
-    manifest = build_shards(cfg, Store(str(tmp_path / "s")))
-    assert (manifest["nnz_pos"], manifest["nnz_neg"]) == edges  # no repeated (user, video)
+    manifest = build_shards(cfg, Store(str(tmp_path / "s"))).manifest
+    assert (manifest.nnz_pos, manifest.nnz_neg) == edges  # no repeated (user, video)
 
 
 def test_expected_distinct_is_hypergeometric():
@@ -137,7 +137,7 @@ def test_plan_terms_by_hand(hand_store):
 
     with tempfile.TemporaryDirectory() as tmp:  # the committed graph of this config
         shutil.copytree(store.path(), f"{tmp}/s")
-        manifest = build_shards(cfg, Store(f"{tmp}/s"))
+        manifest = build_shards(cfg, Store(f"{tmp}/s")).manifest
     plan = plan_training(stats, cfg, Budget(GIB), "cpu", manifest)
     assert plan.exact_shards and plan.edges == (8, 3)
     p = 8440  # n_parameters: see test_parameter_count_equals_the_model
@@ -296,7 +296,7 @@ def test_plan_job(hand_store, tmp_path, capsys):
         plan_job.main([*overrides, "plan.shard_fraction=0"])
     assert exit_.value.code == 2
     assert "plan.shard_fraction=0.0 must be in (0, 1]" in capsys.readouterr().err
-    assert read_graph_manifest(Store(str(tmp_path / "s")), 4)["n_shards"] == 1
+    assert read_graph_manifest(Store(str(tmp_path / "s")), 4).n_shards == 1
 
 
 def test_plan_before_ingest_says_what_to_run(tmp_path):

@@ -1,12 +1,12 @@
 """The run report (frame_dist/evaluate/report.py), written by the evaluate stage (jobs/evaluate.py).
 
-One tiny store for the module: the synthetic world of tests/test_train_loop.py (real ingest),
-frame features written directly (one random vector per visual topic plus noise), a small FRAME
-trained by the single-process trainer and saved with the training stage's own writer, then
-``jobs.evaluate`` (evaluation.json + report). The references are recomputed here: the metrics
-from evaluation.json, the skip clip from the interaction's watch ratio (``clip_labels``), the
-clip scores from a full propagation of the saved model (``FRAME.embeddings`` +
-``FRAME.clip_scores``).
+One tiny store for the module: a copy of the session's ``tiny_world`` (tests/conftest.py: the
+tiny synthetic world, real ingest, frame features written directly, one random vector per visual
+topic plus noise, and its graph), a small FRAME trained by the single-process trainer and saved
+with the training stage's own writer, then ``jobs.evaluate`` (evaluation.json + report). The
+references are recomputed here: the metrics from evaluation.json, the skip clip from the
+interaction's watch ratio (``clip_labels``), the clip scores from a full propagation of the
+saved model (``FRAME.embeddings`` + ``FRAME.clip_scores``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_loop import BASE, _train_and_save, _write_topic_features  # tests/ on sys.path
+from worlds import copy_store, train_and_save  # tests/ is on sys.path (pytest)
 
 from feature_store.store import Store
-from frame_dist.config import load_config
 from frame_dist.evaluate.report import (
     CASE_PLOT,
     CURVE_PLOT,
@@ -31,11 +30,10 @@ from frame_dist.evaluate.report import (
     run_summary,
 )
 from frame_dist.graph.clip_graph import clip_labels
-from frame_dist.graph.shards import build_shards
 from frame_dist.model.frame import FRAME
+from frame_dist.train.artifacts import run_dir, run_path
 from frame_dist.train.worker_data import whole_graph
 from jobs import evaluate as evaluate_job
-from jobs import ingest as ingest_job
 
 RUN = "tiny"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -43,16 +41,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    overrides = [*BASE, f"store.root={root}/store", f"world.out_dir={root}/world",
-                 f"train.run_name={RUN}", "train.epochs=2"]
-    assert ingest_job.main(overrides) == 0
-    cfg = load_config(None, overrides)
-    store = Store.from_config(cfg.store)
-    _write_topic_features(store)
-    build_shards(cfg, store)
-    _train_and_save(cfg, store, global_step=4)
+def evaluated(tiny_world, tmp_path_factory):
+    _, world_store, world_overrides = tiny_world
+    cfg, store, overrides = copy_store(world_store, world_overrides,
+                                       tmp_path_factory.mktemp("report") / "store",
+                                       f"train.run_name={RUN}", "train.epochs=2")
+    train_and_save(cfg, store, global_step=4)
     assert evaluate_job.main(overrides) == 0
     return cfg, store, overrides
 
@@ -72,8 +66,8 @@ def _table_row(markdown: str, who: str) -> dict[str, str]:
 
 def test_metrics_in_report_equal_evaluation(evaluated):
     _, store, _ = evaluated
-    evaluation = store.read_json(f"runs/{RUN}/evaluation.json")
-    markdown = store.read_bytes(f"runs/{RUN}/{REPORT}").decode()
+    evaluation = store.read_json(run_path(RUN, "evaluation.json"))
+    markdown = store.read_bytes(run_path(RUN, REPORT)).decode()
     assert "oracle" in evaluation  # the synthetic world has the truth
     for who in ("model", "oracle"):
         row = _table_row(markdown, who)
@@ -87,26 +81,26 @@ def test_metrics_in_report_equal_evaluation(evaluated):
     assert n_clips_row["run"] == RUN
     assert float(n_clips_row["auc"]) == pytest.approx(evaluation["model"]["auc"], abs=5e-5)
     # training curve: metrics.json's history
-    metrics = store.read_json(f"runs/{RUN}/metrics.json")
+    metrics = store.read_json(run_path(RUN, "metrics.json"))
     assert f"{metrics['epochs_run']} epoch(s), best epoch {metrics['best_epoch']}" in markdown
 
 
 def test_images_exist_and_are_linked(evaluated):
     _, store, _ = evaluated
-    markdown = store.read_bytes(f"runs/{RUN}/{REPORT}").decode()
+    markdown = store.read_bytes(run_path(RUN, REPORT)).decode()
     for name in (N_CLIPS_PLOT, CURVE_PLOT, CASE_PLOT):
         assert f"]({name})" in markdown
-        data = store.read_bytes(f"runs/{RUN}/{name}")
+        data = store.read_bytes(run_path(RUN, name))
         assert data.startswith(PNG) and data[12:16] == b"IHDR"
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert width >= 300 and height >= 200
     # nothing half-written left behind (atomic writes rename their temporary files)
-    assert not [n for n in store.list_dir(f"runs/{RUN}") if ".tmp-" in n]
+    assert not [n for n in store.list_dir(run_dir(RUN)) if ".tmp-" in n]
 
 
 def test_case_study_skip_clip_and_scores(evaluated):
     cfg, store, _ = evaluated
-    case = store.read_json(f"runs/{RUN}/{SUMMARY}")["case_study"]
+    case = store.read_json(run_path(RUN, SUMMARY))["case_study"]
     n_clips = cfg.graph.n_clips
     table = store.table("interactions").read().to_pandas()
     row = table[(table["user_id"] == case["user_id"]) & (table["video_id"] == case["video_id"])
@@ -123,17 +117,17 @@ def test_case_study_skip_clip_and_scores(evaluated):
     watched = clip_labels(test["watch_ratio"].to_numpy(), np.zeros(len(test), bool), n_clips)
     first = test[watched > 0].iloc[0]
     assert (case["user_id"], case["video_id"]) == (first["user_id"], first["video_id"])
-    markdown = store.read_bytes(f"runs/{RUN}/{REPORT}").decode()
+    markdown = store.read_bytes(run_path(RUN, REPORT)).decode()
     assert f"skipped in clip s = floor(r N_c) = {expected_skip}" in markdown
 
     # scores: the saved model, one full propagation, FRAME.clip_scores of the pair
-    saved = torch.load(store.path(f"runs/{RUN}/model.pt"), weights_only=True)
+    saved = torch.load(store.path(run_path(RUN, "model.pt")), weights_only=True)
     model = FRAME(**saved["model_args"])
     model.load_state_dict(saved["state_dict"])
     model.eval()
     data, manifest = whole_graph(store, n_clips)
     user = data.user_ids.to_pylist().index(case["user_id"])  # whole graph: row = user
-    video = int(np.flatnonzero(data.video_ids == manifest["video_ids"].index(case["video_id"]))[0])
+    video = int(np.flatnonzero(data.video_ids == manifest.video_ids.index(case["video_id"]))[0])
     with torch.no_grad():
         h_c, h_u_pos, h_u_neg = model.embeddings(data.clip_features, data.graph)
         expected = model.clip_scores(h_u_pos[user], h_u_neg[user],
@@ -162,13 +156,13 @@ def test_second_run_on_the_same_data_joins_the_n_clips_table(evaluated, tmp_path
     root = tmp_path / "store"
     shutil.copytree(store.path(), root)
     copy = Store(str(root))
-    shutil.copytree(root / "runs" / RUN, root / "runs" / "other")
+    shutil.copytree(root / run_dir(RUN), root / run_dir("other"))
     rc = evaluate_job.main([*overrides, f"store.root={root}", "train.run_name=other"])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == f"report: {copy.uri('runs', 'other', REPORT)}"
+    assert lines[-1] == f"report: {copy.uri(run_path('other', REPORT))}"
     assert lines[-3].startswith("| model |") and lines[-2].startswith("| oracle |")
-    markdown = copy.read_bytes(f"runs/other/{REPORT}").decode()
+    markdown = copy.read_bytes(run_path("other", REPORT)).decode()
     assert "same data (2 run(s))" in markdown
     assert f"| 4 | {RUN} |" in markdown and "| 4 | other |" in markdown
 
@@ -180,15 +174,15 @@ def test_report_on_an_s3_store(evaluated, s3_server):
     local = Path(store.path())
     for path in sorted(local.rglob("*")):  # the store without the run's report
         rel = path.relative_to(local).as_posix()
-        if path.is_file() and not rel.startswith(f"runs/{RUN}/report"):
+        if path.is_file() and not rel.startswith(run_path(RUN, "report")):
             s3_server.client.put_object(Bucket=bucket, Key=f"store/{rel}",
                                         Body=path.read_bytes())
     rc = evaluate_job.main([*overrides, f"store.root=s3://{bucket}/store",
                             f"store.endpoint_url={s3_server.endpoint_url}"])
     assert rc == 0
     objects = s3_server.objects(bucket)
-    prefix = f"store/runs/{RUN}/"
-    assert objects[prefix + REPORT] == store.read_bytes(f"runs/{RUN}/{REPORT}")
+    prefix = f"store/{run_dir(RUN)}/"
+    assert objects[prefix + REPORT] == store.read_bytes(run_path(RUN, REPORT))
     for name in (N_CLIPS_PLOT, CURVE_PLOT, CASE_PLOT):
         assert objects[prefix + name].startswith(PNG)
     assert not [key for key in objects if ".tmp-" in key]
@@ -196,12 +190,12 @@ def test_report_on_an_s3_store(evaluated, s3_server):
 
 def test_run_summary_ends_the_pipeline_with_table_and_report(evaluated):
     _, store, _ = evaluated
-    evaluation = store.read_json(f"runs/{RUN}/evaluation.json")
+    evaluation = store.read_json(run_path(RUN, "evaluation.json"))
     lines = run_summary(store, RUN).splitlines()
     assert lines[0] == "| | auc | logloss | recall@3 | ndcg@3 | recall@5 | ndcg@5 |"
     assert lines[2] == "| model | " + " | ".join(
         f"{evaluation['model'][k]:.4f}"
         for k in ("auc", "logloss", "recall@3", "ndcg@3", "recall@5", "ndcg@5")) + " |"
     assert lines[3].startswith("| oracle |")
-    assert lines[-1] == f"report: {store.uri('runs', RUN, REPORT)}"
+    assert lines[-1] == f"report: {store.uri(run_path(RUN, REPORT))}"
     assert run_summary(store, "missing").startswith("run missing: not evaluated yet")

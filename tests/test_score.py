@@ -1,11 +1,12 @@
-"""Batch scoring (frame_dist/score/pipeline.py, jobs/score.py): top-K lists of every user.
+"""Batch scoring (frame_dist/score/{kernel,pipeline}.py, jobs/score.py): top-K lists of every user.
 
-One tiny store for the module: the synthetic world of tests/test_train_loop.py (real ingest),
-frame features written directly (one random vector per visual topic plus noise), with three
-edits that give every edge case a user: two users lose their training rows (cold users: only
-test rows), a ``ghost`` user watched only a video that has no frame features (absent from the
-graph), and that video is therefore not a candidate. A small FRAME is trained with the
-single-process trainer and saved as ``runs/tiny/model.pt`` by the training stage's own writer.
+One tiny store, the session's ``score_world`` (tests/conftest.py, built with tests/worlds.py):
+the tiny synthetic world (real ingest), frame features written directly (one random vector per
+visual topic plus noise), with three edits that give every edge case a user: two users lose
+their training rows (cold users: only test rows), a ``ghost`` user watched only a video that
+has no frame features (absent from the graph), and that video is therefore not a candidate. A
+small FRAME is trained with the single-process trainer and saved as ``runs/tiny/model.pt`` by
+the training stage's own writer.
 
 The reference is the model's own forward pass (``FRAME.score_pairs`` on the merged shards, in
 the graph's local spaces) for every (user, video) pair, sorted per user. The graph has two
@@ -25,15 +26,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train_loop import (  # tests/ is on sys.path (pytest)
-    BASE,
+from worlds import (  # tests/ is on sys.path (pytest)
+    COLD,
+    GHOST,
     GRID,
-    _train_and_save,
-    _write_topic_features,
+    SCORE_RUN,
+    TOL,
+    assert_same_lists,
+    fresh_copy,
+    naive_top_k,
+    top_k_lists,
 )
 
 from feature_store.frames import (
@@ -46,143 +51,50 @@ from feature_store.store import Store, StoreError
 from frame_dist.config import ConfigError, load_config
 from frame_dist.graph.shards import (
     build_shards,
-    load_clip_features,
-    load_shards,
     read_graph_manifest,
     read_graph_user_ids,
 )
 from frame_dist.model.frame import FRAME
 from frame_dist.score.embeddings import sharded_embeddings, whole_graph_embeddings
+from frame_dist.score.kernel import FusedScorer, fuse_tables
 from frame_dist.score.pipeline import (
     CHUNK_SCHEMA,
     FAULT_ENV,
     SCORES_TABLE,
-    FusedScorer,
     ScoreError,
     chunk_tables,
-    fuse_tables,
     prepare_scoring,
     read_scores,
     run_scoring,
 )
-from frame_dist.train.worker_data import WorkerData, whole_graph
-from jobs import ingest as ingest_job
+from frame_dist.train.artifacts import run_path
+from frame_dist.train.worker_data import whole_graph
 from jobs import score as score_job
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "tiny"
-COLD = ["u0003", "u0011"]  # lose their training rows
-GHOST = "ghost"  # interacts only with NO_FEATURES
+RUN = SCORE_RUN
 UNWATCHED = "zz-unwatched"  # three_shards: frame features, no interaction
-TOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _edit_interactions(store: Store, no_features: str) -> None:
-    """COLD users keep only test rows; GHOST watched only ``no_features``."""
-    table = store.table("interactions").read()
-    cold = pc.is_in(table["user_id"], pa.array(COLD))
-    split = pc.if_else(cold, pa.scalar("test"), table["split"])
-    table = table.set_column(table.schema.get_field_index("split"), "split", split)
-    ghost = table.slice(0, 1).to_pylist()[0] | {
-        "user_id": GHOST, "video_id": no_features, "split": "train",
-        "source_row": int(pc.max(table["source_row"]).as_py()) + 1}
-    table = pa.concat_tables([table, pa.Table.from_pylist([ghost], schema=table.schema)])
-    store.table("interactions").write(table)
+@pytest.fixture(scope="module")
+def world(score_world):
+    """The score world of tests/conftest.py (``score_world``): clean_run commits its scores."""
+    return score_world
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("score")
-    overrides = [*BASE, f"store.root={root}/store", f"world.out_dir={root}/world",
-                 f"train.run_name={RUN}", "train.epochs=2", "score.top_k=3",
-                 "score.users_per_chunk=5", "score.kernel=eager"]
-    assert ingest_job.main(overrides) == 0
-    cfg = load_config(None, overrides)
-    store = Store.from_config(cfg.store)
-    no_features = sorted(store.table("videos").read()["video_id"].to_pylist())[-1]
-    _edit_interactions(store, no_features)
-    _write_topic_features(store, skip=no_features)
-    build_shards(cfg, store)
-    _train_and_save(cfg, store)
-    return cfg, store, overrides, no_features
-
-
-@pytest.fixture(scope="module")
-def reference(world):
+def reference(score_reference):
     """Every (user, video) score by the model's forward pass, and the training pairs."""
-    cfg, store, _, _ = world
-    saved = torch.load(store.path(f"runs/{RUN}/model.pt"), weights_only=True)
-    model = FRAME(**saved["model_args"])
-    model.load_state_dict(saved["state_dict"])
-    model.eval()
-    shard, manifest = load_shards(store, cfg.graph.n_clips, [0, 1])
-    features = load_clip_features(store, manifest, shard.video_ids)
-    data = WorkerData.from_shard(shard, cfg.graph.n_clips, manifest["n_train"], features)
-    m, n = shard.n_users, len(shard.video_ids)
-    users = torch.arange(m).repeat_interleave(n)
-    videos = torch.arange(n).repeat(m)
-    with torch.no_grad():
-        logits = model.score_pairs(data.clip_features, data.graph, users, videos).view(m, n)
-    user_ids = shard.user_ids.to_pylist()  # the shards' own id column
-    assert user_ids == [read_graph_user_ids(store, manifest)[u].as_py() for u in shard.user_rows]
-    video_ids = [manifest["video_ids"][v] for v in shard.video_ids]
-    scores = {(user_ids[i], video_ids[j]): float(logits[i, j]) for i in range(m)
-              for j in range(n)}
-    seen = {(user_ids[u], video_ids[v]) for u, v in zip(shard.train["user"],
-                                                        shard.train["video"])}
-    return scores, seen, sorted(user_ids), sorted(video_ids)
+    return score_reference
 
 
 def _n_chunks(store: Store, users_per_chunk: int = 5) -> int:
     """Chunks of the run: each shard's users cut into chunks of ``users_per_chunk``."""
-    shards = read_graph_manifest(store, 4)["shards"]
-    return sum(-(-s["users"] // users_per_chunk) for s in shards)
-
-
-def _lists(table: pa.Table) -> dict[str, list[tuple[str, float]]]:
-    """user -> [(video, score)] in rank order; checks ranks are 1..n."""
-    out: dict[str, list[tuple[str, float]]] = {}
-    rows = table.sort_by([("user_id", "ascending"), ("rank", "ascending")]).to_pylist()
-    for r in rows:
-        out.setdefault(r["user_id"], []).append((r["video_id"], r["score"]))
-        assert r["rank"] == len(out[r["user_id"]])
-    return out
-
-
-def _naive_top_k(reference, k: int, exclude_seen: bool, candidates=None):
-    scores, seen, users, videos = reference
-    out = {}
-    for u in users:  # the reference: every pair's forward score, sorted per user
-        pairs = [(v, scores[(u, v)]) for v in videos
-                 if (candidates is None or v in candidates)
-                 and not (exclude_seen and (u, v) in seen)]
-        out[u] = sorted(pairs, key=lambda p: -p[1])[:k]
-    return out
-
-
-def _assert_same_lists(got, expected) -> None:
-    """Same lists; a user with no candidate left has no row at all."""
-    assert sorted(got) == sorted(u for u, lst in expected.items() if lst)
-    expected = {u: lst for u, lst in expected.items() if lst}
-    for user, exp in expected.items():
-        g = got[user]
-        assert len(g) == len(exp), user
-        np.testing.assert_allclose([s for _, s in g], [s for _, s in exp], atol=TOL, rtol=0)
-        for (gv, gs), (ev, es) in zip(g, exp):
-            # same video, unless two videos tie within the tolerance
-            assert gv == ev or abs(gs - es) <= TOL, (user, g, exp)
-
-
-def _fresh(world, tmp_path, *extra: str):
-    """A copy of the module's store without a scores table, and its config."""
-    cfg, store, overrides, _ = world
-    root = tmp_path / "store"
-    shutil.copytree(store.path(), root, ignore=shutil.ignore_patterns(SCORES_TABLE))
-    overrides = [*overrides, f"store.root={root}", *extra]
-    return load_config(None, overrides), Store(str(root)), overrides
+    shards = read_graph_manifest(store, 4).shards
+    return sum(-(-s.users // users_per_chunk) for s in shards)
 
 
 @pytest.fixture(scope="module")
@@ -295,13 +207,13 @@ def test_top_k_equals_brute_force_forward(world, reference, clean_run) -> None:
     assert GHOST not in users and world[3] not in videos  # absent from the graph
     assert summary.users == len(users) == 24 and summary.candidates == len(videos) == 9
     _, store, _, _ = world
-    assert [s["users"] for s in read_graph_manifest(store, 4)["shards"]] == [12, 12]
+    assert [s.users for s in read_graph_manifest(store, 4).shards] == [12, 12]
     assert summary.chunks == summary.scored_chunks == _n_chunks(store) == 6  # 3 per shard
     assert summary.skipped_chunks == 0
     assert summary.cold_users == len(COLD)
-    got = _lists(table)
-    expected = _naive_top_k(reference, 3, exclude_seen=True)
-    _assert_same_lists(got, expected)
+    got = top_k_lists(table)
+    expected = naive_top_k(reference, 3, exclude_seen=True)
+    assert_same_lists(got, expected)
     assert table.num_rows == sum(len(v) for v in expected.values()) == summary.rows
     assert any(len(v) < 3 for v in expected.values())  # users who saw 7 of the 9 videos
     # no training pair is recommended
@@ -309,7 +221,7 @@ def test_top_k_equals_brute_force_forward(world, reference, clean_run) -> None:
     assert not {(u, v) for u, lst in got.items() for v, _ in lst} & seen
     # cold users: K rows from the clip side alone, so the same list for both
     assert len(got[COLD[0]]) == 3
-    _assert_same_lists({COLD[1]: got[COLD[1]]}, {COLD[1]: got[COLD[0]]})
+    assert_same_lists({COLD[1]: got[COLD[1]]}, {COLD[1]: got[COLD[0]]})
 
 
 @pytest.mark.slow
@@ -337,7 +249,7 @@ def test_driver_receives_the_clip_side_only(world, ray_local) -> None:
     inputs = prepare_scoring(cfg, store, done={1, 4})
     manifest = read_graph_manifest(store, 4)
     d = 16
-    clips = [s["videos"] * 4 for s in manifest["shards"]]
+    clips = [s.videos * 4 for s in manifest.shards]
     assert inputs.bytes_from_tasks == sum(c * 8 + 3 * c * d * 4 for c in clips)
     assert len(inputs.user_chunks) == 2  # tiny chunks: one object per shard, >= 256 KiB or all
     assert all(isinstance(r, ray.ObjectRef) for r in inputs.user_chunks)
@@ -363,7 +275,7 @@ def test_driver_receives_the_clip_side_only(world, ray_local) -> None:
 
 @pytest.mark.slow
 def test_rerun_is_skipped_and_new_identity_starts_over(world, reference, clean_run, tmp_path):
-    cfg, store, overrides = _fresh(world, tmp_path)
+    cfg, store, overrides = fresh_copy(world, tmp_path)
     shutil.copytree(world[1].path("tables", SCORES_TABLE), store.path("tables", SCORES_TABLE))
     version = store.table(SCORES_TABLE).manifest()["version"]
     again = run_scoring(cfg, store)
@@ -381,8 +293,8 @@ def test_rerun_is_skipped_and_new_identity_starts_over(world, reference, clean_r
                              "score.actors=1"])
     summary = run_scoring(cfg, store)
     assert summary.started_over and summary.scored_chunks == 6
-    got = _lists(read_scores(store))
-    _assert_same_lists(got, _naive_top_k(reference, 50, exclude_seen=False))
+    got = top_k_lists(read_scores(store))
+    assert_same_lists(got, naive_top_k(reference, 50, exclude_seen=False))
     assert all(len(lst) == 9 for lst in got.values())  # K > candidates: all 9 videos
     assert store.table(SCORES_TABLE).metadata()["identity"]["top_k"] == 50
     assert len(store.table(SCORES_TABLE).parts()) == 6
@@ -393,8 +305,8 @@ def test_rerun_is_skipped_and_new_identity_starts_over(world, reference, clean_r
     cfg = load_config(None, [*overrides, "score.top_k=50", "score.kernel=auto",
                              "score.actors=1"])
     assert run_scoring(cfg, store).kernel == "eager"  # "auto", tiny: no compile
-    got = _lists(read_scores(store))
-    _assert_same_lists(got, _naive_top_k(reference, 50, exclude_seen=True))
+    got = top_k_lists(read_scores(store))
+    assert_same_lists(got, naive_top_k(reference, 50, exclude_seen=True))
     assert len(got[COLD[0]]) == 9 and min(len(v) for v in got.values()) < 9
 
 
@@ -410,12 +322,12 @@ def test_candidates_file_restricts_the_videos(world, reference, ray_local, tmp_p
                                                     .to_pylist()) + "\n")
     else:
         pq.write_table(table, path)
-    cfg, store, _ = _fresh(world, tmp_path, f"score.candidates={path}", "score.top_k=3",
+    cfg, store, _ = fresh_copy(world, tmp_path, f"score.candidates={path}", "score.top_k=3",
                            "score.actors=1")
     summary = run_scoring(cfg, store)
     assert summary.candidates == 4
-    got = _lists(read_scores(store))
-    _assert_same_lists(got, _naive_top_k(reference, 3, True, candidates=set(chosen)))
+    got = top_k_lists(read_scores(store))
+    assert_same_lists(got, naive_top_k(reference, 3, True, candidates=set(chosen)))
     assert {v for lst in got.values() for v, _ in lst} <= set(chosen)
     identity = store.table(SCORES_TABLE).metadata()["identity"]
     assert identity["candidates"]["path"] == str(path)
@@ -426,7 +338,7 @@ def test_bad_candidates_and_missing_run_are_refused(world, tmp_path, capsys) -> 
     _, _, overrides, no_features = world
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"video_id": ["nope", no_features]}), bad)
-    cfg, store, _ = _fresh(world, tmp_path, f"score.candidates={bad}")
+    cfg, store, _ = fresh_copy(world, tmp_path, f"score.candidates={bad}")
     with pytest.raises(ScoreError, match=r"2 row\(s\) with a video_id not in the id map"):
         prepare_scoring(cfg, store)
     pq.write_table(pa.table({"video": ["v"]}), tmp_path / "nocol.parquet")
@@ -445,7 +357,7 @@ def test_bad_candidates_and_missing_run_are_refused(world, tmp_path, capsys) -> 
 def test_killed_driver_resumes_to_the_clean_result(world, clean_run, ray_local, tmp_path,
                                                    capsys) -> None:
     _, clean = clean_run
-    cfg, store, _ = _fresh(world, tmp_path)
+    cfg, store, _ = fresh_copy(world, tmp_path)
     cfg.save(tmp_path / "config.yaml")
     env = dict(os.environ, **{FAULT_ENV: "1"},
                RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
@@ -458,9 +370,9 @@ def test_killed_driver_resumes_to_the_clean_result(world, clean_run, ray_local, 
     done = {c for p in table.parts() for c in p.meta["chunks"]}
     assert 0 < len(done) < 6
     assert table.metadata()["complete"] is False
-    partial, whole = _lists(table.read()), _lists(clean)
+    partial, whole = top_k_lists(table.read()), top_k_lists(clean)
     assert 0 < len(partial) < len(whole)
-    _assert_same_lists(partial, {u: whole[u] for u in partial})  # committed users: whole
+    assert_same_lists(partial, {u: whole[u] for u in partial})  # committed users: whole
 
     assert score_job.main(["--config", str(tmp_path / "config.yaml")]) == 0
     out = capsys.readouterr().out
@@ -550,18 +462,18 @@ def _add_unwatched_video(store: Store, video_id: str) -> None:
 def three_shards(world, tmp_path_factory):
     """The module's store with the graph rebuilt in three shards and an unwatched video."""
     tmp_path = tmp_path_factory.mktemp("three-shards")
-    cfg, store, overrides = _fresh(world, tmp_path, "graph.n_shards=3")
+    cfg, store, overrides = fresh_copy(world, tmp_path, "graph.n_shards=3")
     _add_unwatched_video(store, UNWATCHED)
-    manifest = build_shards(cfg, store)
-    assert manifest["n_shards"] == 3 and UNWATCHED in manifest["video_ids"]
-    assert all(s["users"] > 0 for s in manifest["shards"])
+    manifest = build_shards(cfg, store).manifest
+    assert manifest.n_shards == 3 and UNWATCHED in manifest.video_ids
+    assert all(s.users > 0 for s in manifest.shards)
     return cfg, store, overrides, manifest
 
 
 def _model_variant(name: str, store: Store, n_total: int) -> FRAME:
     """The trained run, or an untrained model of another shape (random, non-zero biases)."""
     if name == "trained":
-        saved = torch.load(store.path(f"runs/{RUN}/model.pt"), weights_only=True)
+        saved = torch.load(store.path(run_path(RUN, "model.pt")), weights_only=True)
         model = FRAME(**saved["model_args"])
         model.load_state_dict(saved["state_dict"])
         return model.eval()
@@ -585,7 +497,7 @@ def test_sharded_embeddings_equal_single_process_and_forward(three_shards, ray_l
     """One Ray task per shard plus the driver's sum = the whole graph in one process = the
     model's own forward on every (user, video) pair."""
     _, store, _, manifest = three_shards
-    n_c, n_users, n_videos = 4, manifest["n_users"], manifest["n_videos"]
+    n_c, n_users, n_videos = 4, manifest.n_users, manifest.n_videos
     model = _model_variant(variant, store, n_videos * n_c)
     data, _ = whole_graph(store, n_c, model.use_negative)
     if variant == "trainable_features":  # the table starts from the extracted features
@@ -603,9 +515,9 @@ def test_sharded_embeddings_equal_single_process_and_forward(three_shards, ray_l
         torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
     assert (sorted(zip(sharded.train_users.tolist(), sharded.train_videos.tolist()))
             == sorted(zip(single.train_users.tolist(), single.train_videos.tolist())))
-    assert len(sharded.train_users) == manifest["n_train"]
+    assert len(sharded.train_users) == manifest.n_train
     # tasks sent their C_k x d tables and user rows, never the clip features (C_k x 2048)
-    clips_in_shards = sum(s["videos"] for s in manifest["shards"]) * n_c
+    clips_in_shards = sum(s.videos for s in manifest.shards) * n_c
     tables = 3 if model.use_negative else 2
     assert sharded.bytes_from_tasks < (clips_in_shards * tables + 2 * n_users) * 16 * 4 + 10**5
 
@@ -617,7 +529,7 @@ def test_sharded_embeddings_equal_single_process_and_forward(three_shards, ray_l
                                          sharded.h_u_neg, n_c)
         torch.testing.assert_close(from_tables, forward, atol=TOL, rtol=0)
         # nobody watched it: no neighbour, H_c = alpha_0 H_c^(0) (eq. 10)
-        v = manifest["video_ids"].index(UNWATCHED)
+        v = manifest.video_ids.index(UNWATCHED)
         clips = torch.arange(v * n_c, (v + 1) * n_c)
         h_c0 = model.clip_input(data.clip_features[clips], clips)
         torch.testing.assert_close(sharded.h_c[clips], model.layer_weights[0] * h_c0,
@@ -638,11 +550,11 @@ def test_job_over_three_shards_ranks_as_the_forward(three_shards, ray_local, cap
     videos = torch.arange(n_videos).repeat(n_users)
     with torch.no_grad():
         logits = model.score_pairs(data.clip_features, data.graph, users, videos)
-    user_ids, video_ids = data.user_ids.to_pylist(), manifest["video_ids"]
+    user_ids, video_ids = data.user_ids.to_pylist(), manifest.video_ids
     scores = {(user_ids[u], video_ids[v]): float(s)
               for u, v, s in zip(users.tolist(), videos.tolist(), logits.tolist())}
     seen = {(user_ids[u], video_ids[v]) for u, v in zip(data.train_users.tolist(),
                                                        data.train_videos.tolist())}
-    expected = _naive_top_k((scores, seen, sorted(user_ids), sorted(video_ids)), 3, True)
+    expected = naive_top_k((scores, seen, sorted(user_ids), sorted(video_ids)), 3, True)
     assert (user_ids[0], UNWATCHED) in scores  # the unwatched video is a candidate
-    _assert_same_lists(_lists(read_scores(store)), expected)
+    assert_same_lists(top_k_lists(read_scores(store)), expected)

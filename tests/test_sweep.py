@@ -1,12 +1,13 @@
 """The N_c sweep (jobs/sweep.py, frame_dist/evaluate/sweep.py) on a tiny synthetic world.
 
-The module's store gets a real ingest, then frame features of every video on the 8-frame grid,
-committed as this config's encoder would commit them (the topic features of
-tests/test_train_loop.py: extraction itself is tested in tests/test_extract.py and costs this
-test's budget). ``jobs.sweep`` over N_c = 1, 2, 4 must reuse them: its extract step decodes no
-video and the ``frame_features`` table (manifest, config and part files) is byte-identical
-afterwards. Each N_c trains its own Ray Train run (one worker, one epoch) and is evaluated; the
-table's numbers are each run's evaluation.json. A rerun skips every committed stage.
+The module's store is a copy of the session's ``tiny_ingest`` (tests/conftest.py: the tiny
+world, real ingest), then frame features of every video on the 8-frame grid, committed as this
+config's encoder would commit them (the topic features of tests/worlds.py: extraction itself is
+tested in tests/test_extract.py and costs this test's budget). ``jobs.sweep`` over N_c = 1, 2,
+4 must reuse them: its extract step decodes no video and the ``frame_features`` table (manifest,
+config and part files) is byte-identical afterwards. Each N_c trains its own Ray Train run (one
+worker, one epoch) and is evaluated; the table's numbers are each run's evaluation.json. A rerun
+skips every committed stage.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ import math
 from pathlib import Path
 
 import pytest
-import test_train_loop  # tests/ is on sys.path (pytest)
+from worlds import copy_store, write_topic_features  # tests/ is on sys.path (pytest)
 
-from feature_store.frames import commit_frame_parts
-from feature_store.store import Store
-from frame_dist.config import load_config
 from frame_dist.extract.encoder import encoder_identity
-from jobs import ingest as ingest_job
+from frame_dist.train.artifacts import run_path
 from jobs import sweep as sweep_job
 
 N_CLIPS = [1, 2, 4]
@@ -43,18 +41,13 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def swept(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    overrides = [*TINY, f"store.root={root}/store", f"world.out_dir={root}/world"]
-    assert ingest_job.main(overrides) == 0
-    cfg = load_config(None, overrides)
-    store = Store.from_config(cfg.store)
-    identity = encoder_identity(cfg.extract)
-    with pytest.MonkeyPatch.context() as patch:  # the features, as this encoder commits them
-        patch.setattr(test_train_loop, "commit_frame_parts",
-                      lambda store, parts, _, config=None: commit_frame_parts(
-                          store, parts, identity, config=config))
-        test_train_loop._write_topic_features(store)
+def swept(ray_local, tiny_ingest, tmp_path_factory):
+    world_cfg, ingested, _ = tiny_ingest  # the same world.* settings as TINY
+    world = f"world.out_dir={world_cfg.world.out_dir}"
+    cfg, store, overrides = copy_store(ingested, [*TINY, world],
+                                       tmp_path_factory.mktemp("sweep") / "store")
+    # the features, as this config's encoder commits them
+    write_topic_features(store, identity=encoder_identity(cfg.extract))
     features = Path(store.path("tables", "frame_features"))
     before = _files(features)
     assert sweep_job.main(overrides) == 0
@@ -86,8 +79,8 @@ def test_sweep_table_equals_each_runs_evaluation(swept):
     assert [r["run"] for r in csv_rows] == [f"{RUN}_nc{n}" for n in N_CLIPS] + ["oracle"]
     for n, row, line, csv_row in zip(N_CLIPS, rows, table[2:], csv_rows):
         run = f"{RUN}_nc{n}"
-        evaluation = store.read_json(f"runs/{run}/evaluation.json")
-        metrics = store.read_json(f"runs/{run}/metrics.json")  # the run trained with this N_c
+        evaluation = store.read_json(run_path(run, "evaluation.json"))
+        metrics = store.read_json(run_path(run, "metrics.json"))  # the run trained with this N_c
         assert metrics["n_clips"] == n and evaluation["n_clips"] == n and row["run"] == run
         assert row["model"] == evaluation["model"] and row["oracle"] == evaluation["oracle"]
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -97,20 +90,20 @@ def test_sweep_table_equals_each_runs_evaluation(swept):
             assert float(csv_row[name]) == evaluation["model"][name]
         for k in ("auc", "logloss", "recall@3", "ndcg@3"):
             assert math.isfinite(evaluation["model"][k])
-        assert store.exists(f"runs/{run}/report.md")
-    oracle = store.read_json(f"runs/{RUN}_nc1/evaluation.json")["oracle"]
+        assert store.exists(run_path(run, "report.md"))
+    oracle = store.read_json(run_path(f"{RUN}_nc1", "evaluation.json"))["oracle"]
     assert table[-1].startswith("| oracle | | " + f"{oracle['auc']:.4f} |")
     png = store.read_bytes(f"sweeps/{RUN}/metrics_by_n_clips.png")
     assert png.startswith(PNG) and png[12:16] == b"IHDR"
     # the last run's report plots every run of the sweep (same data)
-    report = store.read_bytes(f"runs/{RUN}_nc4/report.md").decode()
+    report = store.read_bytes(run_path(f"{RUN}_nc4", "report.md")).decode()
     assert "same data (3 run(s))" in report
 
 
 @pytest.mark.slow
 def test_rerun_skips_committed_stages(swept, capsys):
     store, overrides, _, _ = swept
-    models = {n: store.read_bytes(f"runs/{RUN}_nc{n}/model.pt") for n in N_CLIPS}
+    models = {n: store.read_bytes(run_path(f"{RUN}_nc{n}", "model.pt")) for n in N_CLIPS}
     errors = Path(store.path("tables", "extract_errors"))
     errors_before = _files(errors)
     assert sweep_job.main(overrides) == 0
@@ -119,7 +112,7 @@ def test_rerun_skips_committed_stages(swept, capsys):
     assert out.count("train: skipped") == len(N_CLIPS)
     assert out.count("graph N_c=") == out.count(": skipped (inputs and settings unchanged)")
     assert "0 video(s) decoded by this sweep" in out
-    assert all(store.read_bytes(f"runs/{RUN}_nc{n}/model.pt") == models[n] for n in N_CLIPS)
+    assert all(store.read_bytes(run_path(f"{RUN}_nc{n}", "model.pt")) == models[n] for n in N_CLIPS)
     assert out.rstrip().splitlines()[-1].startswith("plot: ")
 
 

@@ -1,8 +1,10 @@
 """Ray Train + DeepSpeed training against a real local Ray instance.
 
-The store holds a tiny synthetic world (real ingest) whose frame features are written directly
-(one fixed random vector per visual topic plus noise, at the world's true scene timeline), so
-training has something to learn without spending the test's time in the ResNet trunk.
+The store is a copy of the session's ``tiny_world`` (tests/conftest.py, tests/worlds.py): a tiny
+synthetic world (real ingest) whose frame features are written directly (one fixed random vector
+per visual topic plus noise, at the world's true scene timeline), so training has something to
+learn without spending the test's time in the ResNet trunk, and its graph (N_c = 4, 2 shards).
+The tests that run Ray Train are marked ``slow``; the graph checks need no Ray.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from worlds import copy_store, single_process_training  # tests/ is on sys.path (pytest)
 
-from feature_store.frames import commit_frame_parts, frame_features_table, write_frame_part
 from feature_store.store import Store, StoreError
 from frame_dist.config import ConfigError, load_config
 from frame_dist.graph.shards import (
@@ -25,82 +27,16 @@ from frame_dist.graph.shards import (
     check_graph,
     load_clip_features,
     load_shards,
+    read_graph_manifest,
 )
+from frame_dist.train.artifacts import run_dir, run_path
 from frame_dist.train.ray_loop import check_trainable, run_training
-from frame_dist.train.trainer import EvalData, TrainData, build_model, train
-from frame_dist.train.worker_data import WorkerData
-from jobs import ingest as ingest_job
-
-pytestmark = pytest.mark.slow
-GRID = 8
-BASE = ["world.preset=custom", "world.n_users=24", "world.n_videos=10",
-        "world.interactions_per_user=12", "world.min_duration_s=1", "world.max_duration_s=2",
-        f"extract.grid_size={GRID}", "graph.n_clips=4", "graph.n_shards=2",
-        "model.dim=16", "model.hidden=32", "train.batch_size=64", "train.epochs=3",
-        "train.patience=10", "train.seed=7"]
-
-
-def _write_topic_features(store: Store, skip: str | None = None) -> None:
-    """Frame features of every video but ``skip``: topic vector x 3 + 5 + noise per grid frame."""
-    scenes = store.table("scenes").read().to_pandas()
-    rng = np.random.default_rng(0)
-    topics = rng.normal(size=(int(scenes["topic"].max()) + 1, 2048))
-    ids = [v for v in store.table("videos").read()["video_id"].to_pylist() if v != skip]
-    times = np.zeros((len(ids), GRID))
-    feats = np.zeros((len(ids), GRID, 2048), np.float32)
-    for i, vid in enumerate(ids):  # test data setup: a handful of videos
-        sc = scenes[scenes["video_id"] == vid]
-        duration = sc["end_s"].max()
-        times[i] = (np.arange(GRID) + 0.5) * duration / GRID
-        topic = [int(sc[(sc["start_s"] <= t) & (t < sc["end_s"])]["topic"].iloc[0])
-                 for t in times[i]]
-        feats[i] = topics[topic] * 3 + 5 + rng.normal(size=(GRID, 2048))
-    part = write_frame_part(store, frame_features_table(ids, times, feats), ids)
-    commit_frame_parts(store, [part], {"weights": "test-topics", "grid_size": GRID,
-                                       "dim": 2048, "image_size": 0})
 
 
 @pytest.fixture(scope="module")
-def store_cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    overrides = [*BASE, f"store.root={root}/store", f"world.out_dir={root}/world"]
-    assert ingest_job.main(overrides) == 0
-    cfg = load_config(None, overrides)
-    store = Store.from_config(cfg.store)
-    _write_topic_features(store)
-    build_shards(cfg, store)
-    return cfg, store, overrides
-
-
-def _single_process(cfg, store):
-    """The plain-torch trainer on the merged shards, batches in the global training order."""
-    shard, manifest = load_shards(store, cfg.graph.n_clips, [0, 1])
-    features = load_clip_features(store, manifest, shard.video_ids)
-    data = WorkerData.from_shard(shard, cfg.graph.n_clips, manifest["n_train"], features)
-    order = np.argsort(shard.train["order"])
-    t, v = shard.train, shard.valid
-    table = None
-    if cfg.model.trainable_clip_features:
-        table = torch.from_numpy(load_clip_features(store, manifest,
-                                                    np.arange(manifest["n_videos"])))
-    model = build_model(cfg.model, features.shape[1], seed=cfg.train.seed, clip_features=table,
-                        n_clips_total=manifest["n_videos"] * cfg.graph.n_clips)
-    result = train(model, data.clip_features, data.graph,
-                   TrainData(t["user"][order], t["video"][order], t["watched"][order]),
-                   EvalData(v["user"], v["video"], v["label"].astype(np.int64)), cfg.train)
-    return result
-
-
-def _train_and_save(cfg, store, global_step: int = 0) -> None:
-    """:func:`_single_process`, saved with the training stage's writer (model.pt, metrics.json)."""
-    from frame_dist.train.ray_loop import write_outputs
-
-    result = _single_process(cfg, store)
-    model = build_model(cfg.model, 2048, seed=cfg.train.seed)
-    model.load_state_dict(result.best_state)
-    state = {"history": result.history, "best_epoch": result.best_epoch,
-             "global_step": global_step, "resumes": []}
-    write_outputs(cfg, store, model, state, {}, "test-fingerprint")
+def store_cfg(tiny_world, tmp_path_factory):
+    _, store, overrides = tiny_world
+    return copy_store(store, overrides, tmp_path_factory.mktemp("train") / "store")
 
 
 def _run(overrides, **extra):
@@ -109,7 +45,7 @@ def _run(overrides, **extra):
 
 
 def _weights(store, run_name):
-    return torch.load(store.path(f"runs/{run_name}/model.pt").replace("file://", ""),
+    return torch.load(store.path(run_path(run_name, "model.pt")).replace("file://", ""),
                       weights_only=True)["state_dict"]
 
 
@@ -119,6 +55,7 @@ def two_worker_run(ray_local, store_cfg):
     return _run(store_cfg[2], **{"train.workers": 2, "train.run_name": "w2"})[1]
 
 
+@pytest.mark.slow
 def test_parity_one_two_workers_and_single_process(ray_local, store_cfg, two_worker_run,
                                                    monkeypatch):
     cfg, store, overrides = store_cfg
@@ -128,7 +65,7 @@ def test_parity_one_two_workers_and_single_process(ray_local, store_cfg, two_wor
     _, m1 = _run(overrides, **{"train.workers": 1, "train.run_name": "w1",
                                "store.root": os.path.basename(store.root)})
     m2 = two_worker_run
-    single = _single_process(cfg, store)
+    single = single_process_training(cfg, store)
 
     assert m1["epochs_run"] == m2["epochs_run"] == 3
     for e1, e2, es in zip(m1["history"], m2["history"], single.history):
@@ -148,6 +85,7 @@ def test_parity_one_two_workers_and_single_process(ray_local, store_cfg, two_wor
         torch.testing.assert_close(value, single.best_state[name], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_trainable_clip_features_zero2_equal_single_process(ray_local, store_cfg):
     """Learned clip features on W = 2 with ZeRO-2: the whole (C, F) table on every worker, its
     Adam state split between them, and the same weights as one process."""
@@ -155,14 +93,13 @@ def test_trainable_clip_features_zero2_equal_single_process(ray_local, store_cfg
     extra = {"model.trainable_clip_features": "true", "train.epochs": 2}
     run_cfg, m2 = _run(overrides, **extra, **{"train.workers": 2, "train.zero_stage": 2,
                                                "train.run_name": "table-zero2"})
-    single = _single_process(run_cfg, store)
+    single = single_process_training(run_cfg, store)
     weights = _weights(store, "table-zero2")
-    c_total = store.read_json("graphs/nc=4/_manifest.json")["n_videos"] * 4
+    c_total = read_graph_manifest(store, 4).n_videos * 4
     assert weights["clip_feature_table.weight"].shape == (c_total, 2048)
     for name, expected in single.best_state.items():
         torch.testing.assert_close(weights[name], expected, atol=1e-5, rtol=1e-5)
-    start = load_clip_features(store, store.read_json("graphs/nc=4/_manifest.json"),
-                               np.arange(c_total // 4))
+    start = load_clip_features(store, read_graph_manifest(store, 4), np.arange(c_total // 4))
     moved = (weights["clip_feature_table.weight"] - torch.from_numpy(start)).abs().amax(1)
     assert (moved > 1e-4).sum() > 0  # the features were learned
     # Adam moments of all parameters take 2 x 4 B each, the table most of it; each
@@ -180,12 +117,13 @@ def test_trainable_clip_features_zero2_equal_single_process(ray_local, store_cfg
     assert result["model"]["auc"] == pytest.approx(m2["test"]["auc"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(ray_local, store_cfg, two_worker_run):
     from ray._private import state as ray_state
 
     cfg, store, overrides = store_cfg
     name = "fault"
-    runs = store.path("runs", name)
+    runs = store.path(run_dir(name))
     killed: list[int] = []
 
     def registered_checkpoint() -> bool:
@@ -214,7 +152,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, store_cfg, two_worker_
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     assert metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] > 0
     steps = metrics["global_step"]
-    assert steps == 3 * -(-store.read_json("graphs/nc=4/_manifest.json")["n_train"] // 64)
+    assert steps == 3 * -(-read_graph_manifest(store, 4).n_train // 64)
     # exact resume: the same weights as an uninterrupted run with the same settings
     assert metrics["test"]["auc"] == pytest.approx(two_worker_run["test"]["auc"], abs=1e-5)
     for key, value in _weights(store, "w2").items():
@@ -239,15 +177,17 @@ def test_graph_user_ids_live_in_parquet_not_the_manifest(store_cfg, tmp_path):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from frame_dist.graph.shards import graph_dir, read_graph_manifest, read_graph_user_ids
+    from frame_dist.graph.manifest import manifest_path
+    from frame_dist.graph.shards import graph_dir, read_graph_user_ids
 
     cfg, store, _ = store_cfg
     manifest = read_graph_manifest(store, 4)
-    assert "user_ids" not in manifest and manifest["layout"] == 2
+    assert '"user_ids"' not in store.read_bytes(manifest_path(4)).decode()
+    assert manifest.layout == 2
     ids = read_graph_user_ids(store, manifest)
     interactions = store.table("interactions").read()
     assert ids.to_pylist() == sorted(set(interactions["user_id"].to_pylist()))  # sorted map
-    for k in range(manifest["n_shards"]):
+    for k in range(manifest.n_shards):
         shard, _ = load_shards(store, 4, [k])
         assert shard.user_ids.equals(pc.take(ids, pa.array(shard.user_rows)))
 
@@ -255,13 +195,13 @@ def test_graph_user_ids_live_in_parquet_not_the_manifest(store_cfg, tmp_path):
     shutil.copytree(store.path(), root)
     old = Store(str(root))
     path = root / graph_dir(4) / "_manifest.json"
-    legacy = {k: v for k, v in manifest.items() if k != "layout"}
+    legacy = {k: v for k, v in manifest.to_json().items() if k != "layout"}
     path.write_text(json.dumps(legacy | {"fingerprint": "older", "user_ids": ids.to_pylist()}))
     with pytest.raises(PartitionError, match="built by an older frame-dist .* run the graph "
                                              "stage again"):
         load_shards(old, 4, [0])
     rebuilt = build_shards(load_config(None, [*store_cfg[2], f"store.root={root}"]), old)
-    assert not rebuilt.get("skipped") and rebuilt["layout"] == 2
+    assert not rebuilt.skipped and rebuilt.manifest.layout == 2
     assert load_shards(old, 4, [0])[0].user_ids.equals(load_shards(store, 4, [0])[0].user_ids)
 
 
@@ -280,12 +220,65 @@ def test_refused_before_training(store_cfg, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(store.path(), copy)
-    manifest = Store(str(copy)).read_json("graphs/nc=4/_manifest.json")
-    os.remove(copy / "graphs/nc=4" / manifest["files"][1]["neg"])
+    manifest = read_graph_manifest(Store(str(copy)), 4)
+    os.remove(copy / "graphs/nc=4" / manifest.files[1]["neg"])
     with pytest.raises(StoreError, match="graph shard 1 is missing its neg file"):
         check_graph(Store(str(copy)), 4, 2)
 
 
+def test_validation_split_that_cannot_rank_is_refused_at_the_driver(store_cfg, tmp_path):
+    """Before any worker starts (no Ray here): the driver counts the committed graph's
+    validation labels; an empty or one-class split is refused with its counts, unclaimed."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from frame_dist.graph.shards import graph_dir, split_label_counts
+    from frame_dist.train.loop import SplitError
+
+    cfg, store, overrides = store_cfg
+    manifest = read_graph_manifest(store, 4)
+    rows, positives = split_label_counts(store, manifest, "valid")
+    labels = load_shards(store, 4, [0, 1])[0].valid["label"]
+    assert (rows, positives) == (len(labels), int(labels.sum())) and 0 < positives < rows
+    cases = {"skips-only": rf"split 'valid' has {rows} row\(s\), 0 full watch\(es\) and "
+                           rf"{rows} skip\(s\)",
+             "empty": r"split 'valid' has 0 row\(s\), 0 full watch\(es\)"}
+    for case, message in cases.items():
+        root = tmp_path / case
+        shutil.copytree(store.path(), root)
+        for names in manifest.files:
+            path = root / graph_dir(4) / names["valid"]
+            table = pq.read_table(path)
+            table = table.slice(0, 0) if case == "empty" else table.set_column(
+                table.schema.get_field_index("label"), "label",
+                pa.array(np.zeros(table.num_rows, np.int8)))
+            pq.write_table(table, path)
+        run_cfg = load_config(None, [*overrides, f"store.root={root}", "train.run_name=bad"])
+        with pytest.raises(SplitError, match=message):
+            run_training(run_cfg, Store(str(root)))
+        assert not Store(str(root)).exists(run_dir("bad"))  # refused before the claim
+
+
+@pytest.mark.slow
+def test_both_trainers_record_the_same_history_and_stop_alike(ray_local, store_cfg):
+    """One loop (frame_dist.train.loop.fit) on both paths: the same history keys, and with
+    weights that barely move (lr 1e-12) both stop after train.patience epochs past the best."""
+    cfg, store, overrides = store_cfg
+    settings = {"train.lr": 1e-12, "train.patience": 1, "train.epochs": 5}
+    run_cfg, metrics = _run(overrides, **settings, **{"train.workers": 1,
+                                                      "train.run_name": "stop"})
+    single = single_process_training(run_cfg, store)
+    assert single.stopped_early
+    assert metrics["epochs_run"] == len(single.history) < 5
+    assert metrics["best_epoch"] == single.best_epoch
+    assert [set(e) for e in metrics["history"]] == [set(e) for e in single.history]
+    for e, es in zip(metrics["history"], single.history):
+        assert e["valid"]["auc"] == pytest.approx(es["valid"]["auc"], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_evaluate_stage_matches_training_and_reports_oracle(store_cfg, two_worker_run):
     from frame_dist.evaluate.evaluation import evaluate_run, metrics_table
 
@@ -299,9 +292,10 @@ def test_evaluate_stage_matches_training_and_reports_oracle(store_cfg, two_worke
     table = metrics_table(result)
     assert table.splitlines()[2].startswith("| model | ")
     assert table.splitlines()[3].startswith("| oracle | ")
-    assert store.read_json("runs/w2/evaluation.json") == result
+    assert store.read_json(run_path("w2", "evaluation.json")) == result
 
 
+@pytest.mark.slow
 def test_plan_estimate_matches_measured_peak_rss(store_cfg, two_worker_run):
     """The planner's per-worker peak (frame_dist.train.plan) against what the W = 2 run measured.
 
@@ -310,7 +304,6 @@ def test_plan_estimate_matches_measured_peak_rss(store_cfg, two_worker_run):
     world the runtime baseline is almost all of it. Bytes per step: the expectation over random
     batches against the mean of the run's 3 epochs, within 5%.
     """
-    from frame_dist.graph.shards import read_graph_manifest
     from frame_dist.train.plan import MIB, plan_training, read_data_stats, worker_budget
 
     cfg, store, overrides = store_cfg
@@ -325,3 +318,26 @@ def test_plan_estimate_matches_measured_peak_rss(store_cfg, two_worker_run):
     sent = np.mean([epoch["propagation_bytes_per_step"] for epoch in history])
     assert plan.comm_bytes_per_step == pytest.approx(sent, rel=0.05)
     print(f"plan / measured: memory {ratio:.3f}, bytes {plan.comm_bytes_per_step / sent:.3f}")
+
+
+@pytest.mark.slow
+def test_a_planted_deepspeed_state_is_refused_on_resume_and_never_runs(ray_local, store_cfg,
+                                                                        tmp_path):
+    import glob
+
+    from payloads import plant
+
+    cfg, store, overrides = store_cfg
+    extra = {"train.workers": 1, "train.run_name": "planted", "train.epochs": 1,
+             "train.max_failures": 0}
+    _run(overrides, **extra)
+    states = glob.glob(os.path.join(store.path(run_dir("planted")), "checkpoint_*", "state",
+                                    "mp_rank_00_model_states.pt"))
+    assert states
+    marker = tmp_path / "pwned"
+    for path in states:  # someone with write access to the store plants a pickle
+        plant(path, str(marker))
+    with pytest.raises(Exception) as err:  # noqa: B017 - Ray Train wraps the worker's error
+        _run(overrides, **extra)  # a relaunch resumes from the latest checkpoint
+    assert "mp_rank_00_model_states.pt: refused to load" in str(err.value)
+    assert not marker.exists()

@@ -17,6 +17,7 @@ from frame_dist.model.frame import FRAME
 from frame_dist.model.loss import FRAMETrainTask, InteractionBatch
 from frame_dist.model.metrics import all_metrics
 from frame_dist.train import trainer
+from frame_dist.train.loop import EpochRecord, SplitError
 from frame_dist.train.trainer import (
     EvalData,
     Precision,
@@ -149,6 +150,47 @@ def test_bad_validation_set_is_refused(planted) -> None:
     one_class = EvalData(valid.users, valid.videos, np.ones_like(valid.labels))
     with pytest.raises(ValueError, match="validation set needs both full watches and skips"):
         train(model, planted["x"], planted["graph"], planted["train"], one_class, _cfg())
+    # the message names the split and its counts; an empty split is refused alike
+    n = len(valid.labels)
+    with pytest.raises(SplitError, match=rf"split 'valid' has {n} row\(s\), {n} full watch\(es\) "
+                                         r"and 0 skip\(s\)"):
+        train(model, planted["x"], planted["graph"], planted["train"], one_class, _cfg())
+    empty = EvalData(valid.users[:0], valid.videos[:0], valid.labels[:0])
+    with pytest.raises(SplitError, match=r"split 'valid' has 0 row\(s\), 0 full watch"):
+        train(model, planted["x"], planted["graph"], planted["train"], empty, _cfg())
+
+
+def test_history_keys_and_test_pass(planted) -> None:
+    """Every epoch records the loop's keys (the Ray Train workers record the same); the final
+    test pass scores the best weights, which the model ends with."""
+    model = build_model(MODEL_CFG, F, seed=0)
+    valid = planted["valid"]
+    result = train(model, planted["x"], planted["graph"], planted["train"], valid,
+                   _cfg(epochs=2), test_data=valid)
+    keys = {f.name for f in dataclasses.fields(EpochRecord)}
+    assert all(set(entry) == keys for entry in result.history)
+    assert result.history[0]["steps"] == -(-len(planted["train"]) // 128)
+    assert result.history[0]["propagation_bytes_per_step"] == 0  # one process sends nothing
+    assert result.history[0]["optimizer_state_bytes"] > 0  # Adam's moments
+    assert result.test == result.best_metrics  # the test pass ran on the best weights
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, result.best_state[key]), key
+    assert result.state.best_epoch == result.best_epoch and result.state.done
+
+
+def test_patience_counts_epochs_without_a_better_auc(planted) -> None:
+    """The first epoch is always the best so far (the best AUC starts at -inf); then patience
+    epochs without a better AUC stop the run, whatever the remaining epochs."""
+    for patience in (1, 3):
+        model = build_model(MODEL_CFG, F, seed=0)
+        result = train(model, planted["x"], planted["graph"], planted["train"],
+                       planted["valid"], _cfg(epochs=10, lr=0.0, patience=patience))
+        assert result.state.best_auc == result.history[0]["valid"]["auc"]
+        assert len(result.history) == 1 + patience and result.stopped_early
+    model = build_model(MODEL_CFG, F, seed=0)
+    result = train(model, planted["x"], planted["graph"], planted["train"], planted["valid"],
+                   _cfg(epochs=3, lr=0.0, patience=5))
+    assert len(result.history) == 3 and not result.stopped_early and result.state.done
 
 
 # --------------------------------------------------------------------------- train.precision

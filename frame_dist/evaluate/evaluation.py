@@ -1,14 +1,13 @@
 """Stage [evaluate]: a trained run's metrics on the test split, next to the oracle's.
 
-Rebuilds the model from ``<store>/runs/<run>/model.pt`` alone (model arguments + weights),
+Rebuilds the model from the run's ``model.pt`` alone (``frame_dist.train.artifacts.SavedModel``),
 propagates once over the whole committed graph (every shard merged: the single-process path,
 fine up to millions of edges; the training stage computes the same metrics distributed), scores
 the test interactions of the ``interactions`` table and computes AUC, Logloss, Recall@K and
-NDCG@K (``frame_dist.model.metrics``). Where the store has the synthetic world's ``truth`` table,
-the
-**oracle** (the true full-watch probability of every test interaction) is scored with the same
-metrics: the ceiling any model can reach on this data. Writes ``evaluation.json`` beside the
-run's checkpoints.
+NDCG@K with the trainer's evaluation (``frame_dist.train.trainer.evaluate``). Where the store
+has the synthetic world's ``truth`` table, the **oracle** (the true full-watch probability of
+every test interaction) is scored with the same metrics: the ceiling any model can reach on this
+data. Writes ``evaluation.json`` beside the run's checkpoints.
 """
 
 from __future__ import annotations
@@ -20,27 +19,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from feature_store.store import Store, StoreError
+from feature_store.store import Store
 from frame_dist.config import Config
 from frame_dist.graph.clip_graph import IdMap, encode_interactions
+from frame_dist.graph.manifest import GraphManifest
 from frame_dist.model.frame import FRAME
 from frame_dist.model.metrics import all_metrics
-from frame_dist.score.embeddings import reads_clip_features, rebuild_model
-from frame_dist.train.trainer import predict
+from frame_dist.score.embeddings import reads_clip_features
+from frame_dist.train.artifacts import SavedModel, run_path
+from frame_dist.train.trainer import evaluate
 from frame_dist.train.worker_data import WorkerData, whole_graph
 
-
-def load_trained_model(store: Store, run_name: str) -> tuple[FRAME, dict[str, Any]]:
-    """FRAME rebuilt from a run's model.pt (weights_only load) and the config that trained it."""
-    path = f"runs/{run_name}/model.pt"
-    if not store.exists(path):
-        raise StoreError(f"no trained model at {store.uri(path)}: run the train stage first "
-                         f"(train.run_name={run_name})")
-    with store.fs.open(store.path(path), "rb") as f:
-        saved = torch.load(f, map_location="cpu", weights_only=True)
-    return rebuild_model(saved), saved["config"]
+EVALUATION = "evaluation.json"  # in the run's folder
 
 
 @dataclass
@@ -58,22 +49,22 @@ class TestSplit:
 
 
 def load_test_split(store: Store, run_name: str) -> TestSplit:
-    model, trained_cfg = load_trained_model(store, run_name)
-    n_clips = trained_cfg["graph"]["n_clips"]
+    saved = SavedModel.read(store, run_name)
+    model, n_clips = saved.build(), saved.n_clips
     data, manifest = whole_graph(store, n_clips, model.use_negative,
                                  with_features=reads_clip_features(model))  # (C, F): if read
     rows, users, videos = split_pairs(store, data, manifest, "test")
     return TestSplit(model, n_clips, data, rows, users, videos)
 
 
-def split_pairs(store: Store, data: WorkerData, manifest: dict[str, Any], split: str
+def split_pairs(store: Store, data: WorkerData, manifest: GraphManifest, split: str
                 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Rows of ``split`` with graph indices: (table rows, local users, local videos)."""
     table = store.table("interactions").read()
     table = table.filter(pc.equal(table["split"], split))
-    table = table.filter(pc.is_in(table["video_id"], pa.array(manifest["video_ids"])))
+    table = table.filter(pc.is_in(table["video_id"], pa.array(manifest.video_ids)))
     users = IdMap(data.user_ids, name="user_id")  # the graph's user id map
-    videos = IdMap(manifest["video_ids"], name="video_id")
+    videos = IdMap(manifest.video_ids, name="video_id")
     enc = encode_interactions(table, users, videos, split=None, where=f"interactions[{split}]")
     local_user = np.full(len(users), -1, dtype=np.int64)
     local_user[data.user_rows] = np.arange(len(data.user_rows))
@@ -88,12 +79,11 @@ def evaluate_run(cfg: Config, store: Store, test: TestSplit | None = None) -> di
     """
     test = test if test is not None else load_test_split(store, cfg.train.run_name)
     n_clips, rows, users = test.n_clips, test.rows, test.users
-    logits = predict(test.model, test.data.clip_features, test.data.graph, users, test.videos,
-                     batch_size=cfg.evaluate.batch_size)
     labels = rows["full_watch"].to_numpy().astype(np.int64)
     result: dict[str, Any] = {
         "run": cfg.train.run_name, "n_clips": n_clips,
-        "model": all_metrics(users, labels, logits, cfg.evaluate.ks),
+        "model": evaluate(test.model, test.data.clip_features, test.data.graph, users,
+                          test.videos, labels, cfg.evaluate.ks, cfg.evaluate.batch_size),
     }
     if store.table("truth").exists():
         truth = store.table("truth").read().to_pandas()
@@ -101,7 +91,7 @@ def evaluate_run(cfg: Config, store: Store, test: TestSplit | None = None) -> di
         if joined["p_full"].notna().all():
             p = joined["p_full"].to_numpy().clip(1e-7, 1 - 1e-7)
             result["oracle"] = all_metrics(users, labels, np.log(p / (1 - p)), cfg.evaluate.ks)
-    store.write_json(f"runs/{cfg.train.run_name}/evaluation.json", result)
+    store.write_json(run_path(cfg.train.run_name, EVALUATION), result)
     return result
 
 

@@ -1,4 +1,4 @@
-"""The run report: ``<store>/runs/<run>/report.md`` with its plots, written after evaluation.
+"""The run report: ``report.md`` in the run's folder with its plots, written after evaluation.
 
 Sections:
 
@@ -34,9 +34,11 @@ import torch
 from feature_store.frames import FRAME_FEATURES, committed_video_ids, stored_identity
 from feature_store.store import Store
 from frame_dist.config import Config
-from frame_dist.evaluate.evaluation import TestSplit, load_test_split, metrics_table
+from frame_dist.evaluate.evaluation import EVALUATION, TestSplit, load_test_split, metrics_table
 from frame_dist.graph.clip_graph import clip_labels
 from frame_dist.model.frame import FRAME
+from frame_dist.model.propagation import clip_ids
+from frame_dist.train.artifacts import RUNS, RunMetrics, run_dir, run_path
 from frame_dist.train.worker_data import WorkerData
 
 REPORT = "report.md"
@@ -76,8 +78,8 @@ def data_identity(store: Store) -> str:
 def n_clips_rows(store: Store, data: str) -> list[dict[str, Any]]:
     """The summaries (``report.json``) of every run of the store evaluated on ``data``."""
     rows = []
-    for name in store.list_dir("runs"):
-        rel = f"runs/{name}/{SUMMARY}"
+    for name in store.list_dir(RUNS):
+        rel = run_path(name, SUMMARY)
         if not store.exists(rel):
             continue
         try:
@@ -170,7 +172,7 @@ def clip_scores_of(model: FRAME, data: WorkerData, user: int, video: int) -> np.
     try:
         n_c = data.graph.clips_per_video
         device = model.layer_weights.device
-        clips = video * n_c + torch.arange(n_c, device=device)  # (N_c,)
+        clips = clip_ids(torch.tensor([video], device=device), n_c)  # (N_c,)
         h_c, h_u_pos, h_u_neg = model.embeddings(data.clip_features, data.graph, clips)
         hn = None if h_u_neg is None else h_u_neg[user][None]  # (1, d)
         return model.clip_scores(h_u_pos[user][None], hn, h_c).float().cpu().numpy()  # (N_c,)
@@ -298,7 +300,7 @@ def write_report(cfg: Config, store: Store, result: dict[str, Any],
     """Write the report of ``result`` (an evaluation of ``cfg.train.run_name``); return the uri
     of ``report.md``. ``test``: the split the evaluation loaded, reused by the case study."""
     run = result["run"]
-    rdir = f"runs/{run}"
+    rdir = run_dir(run)
     case = case_study(store, run, test)
     summary = {"run": run, "n_clips": result["n_clips"], "data": data_identity(store),
                "model": result["model"], "case_study": None if case is None else asdict(case)}
@@ -310,11 +312,10 @@ def write_report(cfg: Config, store: Store, result: dict[str, Any],
     rows = sorted([r for r in n_clips_rows(store, summary["data"]) if r["run"] != run]
                   + [summary], key=lambda r: (r["n_clips"], r["run"]))
     store.write_bytes_atomic(f"{rdir}/{N_CLIPS_PLOT}", plot_metrics_by_n_clips(rows, run))
-    metrics = store.read_json(f"{rdir}/metrics.json") if store.exists(f"{rdir}/metrics.json") \
-        else None
-    if metrics and metrics.get("history"):
+    metrics = RunMetrics.read(store, run)
+    if metrics is not None and metrics.history:
         store.write_bytes_atomic(f"{rdir}/{CURVE_PLOT}",
-                                 plot_training_curve(metrics["history"], metrics["best_epoch"]))
+                                 plot_training_curve(metrics.history, metrics.best_epoch))
     if case is not None:
         store.write_bytes_atomic(f"{rdir}/{CASE_PLOT}", plot_case_study(case))
     store.write_text(f"{rdir}/{REPORT}", report_markdown(result, rows, metrics, case))
@@ -322,7 +323,7 @@ def write_report(cfg: Config, store: Store, result: dict[str, Any],
 
 
 def report_markdown(result: dict[str, Any], rows: list[dict[str, Any]],
-                    metrics: dict[str, Any] | None, case: CaseStudy | None) -> str:
+                    metrics: RunMetrics | None, case: CaseStudy | None) -> str:
     """The text of report.md (plots linked by their file names)."""
     model = result["model"]
     out = [f"# Run report: {result['run']}", "",
@@ -341,15 +342,14 @@ def report_markdown(result: dict[str, Any], rows: list[dict[str, Any]],
             f"![metrics against N_c]({N_CLIPS_PLOT})", "", n_clips_table(rows), ""]
 
     out += ["## Training", ""]
-    if metrics and metrics.get("history"):
-        best = metrics["best_epoch"]
-        valid_auc = metrics.get("valid", {}).get("auc")
+    if metrics is not None and metrics.history:
+        valid_auc = metrics.valid.get("auc")
         out += [f"![training curve]({CURVE_PLOT})", "",
-                f"{metrics['epochs_run']} epoch(s), best epoch {best}"
+                f"{metrics.epochs_run} epoch(s), best epoch {metrics.best_epoch}"
                 + (f" (validation AUC {valid_auc:.4f})" if valid_auc is not None else "")
-                + f", {metrics['global_step']} steps on {metrics.get('workers', 1)} worker(s)"
-                + (f"; resumed at steps {metrics['resumed_at_steps']}"
-                   if metrics.get("resumed_at_steps") else "") + ".", ""]
+                + f", {metrics.global_step} steps on {metrics.workers} worker(s)"
+                + (f"; resumed at steps {metrics.resumed_at_steps}"
+                   if metrics.resumed_at_steps else "") + ".", ""]
     else:
         out += ["No training history (`metrics.json` is missing or empty).", ""]
 
@@ -375,10 +375,10 @@ def report_markdown(result: dict[str, Any], rows: list[dict[str, Any]],
 
 def run_summary(store: Store, run_name: str) -> str:
     """The metrics table of an evaluated run and the path of its report (for job output)."""
-    rdir = f"runs/{run_name}"
-    if not store.exists(f"{rdir}/evaluation.json"):
+    rdir = run_dir(run_name)
+    if not store.exists(run_path(run_name, EVALUATION)):
         return f"run {run_name}: not evaluated yet ({store.uri(rdir)})"
-    result = store.read_json(f"{rdir}/evaluation.json")  # keys sorted: restore the order
+    result = store.read_json(run_path(run_name, EVALUATION))  # keys sorted: restore the order
     for who in ("model", "oracle"):
         if who in result:
             result[who] = {k: result[who][k] for k in metric_names(result[who])}

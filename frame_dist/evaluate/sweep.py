@@ -18,7 +18,9 @@ from typing import Any
 
 from feature_store.store import Store
 from frame_dist.config import Config, from_dict
+from frame_dist.evaluate.evaluation import EVALUATION
 from frame_dist.evaluate.report import n_clips_csv, n_clips_table, plot_metrics_by_n_clips
+from frame_dist.train.artifacts import run_path
 
 DEFAULT_N_CLIPS = (1, 2, 4, 8, 16, 32, 64)  # without sweep.n_clips: those that divide G
 
@@ -48,7 +50,7 @@ def run_config(cfg: Config, n_clips: int) -> Config:
 
 def sweep_row(store: Store, run_cfg: Config) -> dict[str, Any]:
     """One row of the table: the run's ``evaluation.json`` (model and oracle metrics)."""
-    result = store.read_json(f"runs/{run_cfg.train.run_name}/evaluation.json")
+    result = store.read_json(run_path(run_cfg.train.run_name, EVALUATION))
     row = {"n_clips": result["n_clips"], "run": result["run"], "model": result["model"]}
     if "oracle" in result:
         row["oracle"] = result["oracle"]

@@ -19,11 +19,12 @@ of the greedy optimum in practice).
 
 Storage, under ``<store>/graphs/nc=<N_c>/``: one Parquet file per shard and table with a unique
 name (a shard's ``users`` file holds its users' global rows and ids), the user id map (row i =
-user i) as one Parquet file, then ``_manifest.json`` written last (the commit): it lists the
-files and carries the metadata the training stage sizes itself from (the video id map, counts,
-fingerprint). User ids are never in the manifest: every worker and task reads the manifest, and
-a JSON list of every user id costs each of them O(users) Python strings; a shard's readers get
-its users' ids from its own file (:attr:`Shard.user_ids`), whole-graph readers from
+user i) as one Parquet file, then ``_manifest.json`` written last (the commit,
+:class:`frame_dist.graph.manifest.GraphManifest`, read and checked by :func:`read_graph_manifest`):
+it lists the files and carries the metadata the training stage sizes itself from (the video id
+map, counts, fingerprint). User ids are never in the manifest: every worker and task reads the
+manifest, and a JSON list of every user id costs each of them O(users) Python strings; a shard's
+readers get its users' ids from its own file (:attr:`Shard.user_ids`), whole-graph readers from
 :func:`read_graph_user_ids`. A rerun with the same inputs and settings is skipped; a killed run
 leaves the previous commit.
 """
@@ -33,10 +34,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import posixpath
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -52,18 +51,23 @@ from feature_store.frames import (
 )
 from feature_store.store import Store, StoreError, write_atomic
 from frame_dist.config import Config
-from frame_dist.graph.clip_graph import IdMap, build_graph, clip_labels, encode_interactions
+from frame_dist.graph.clip_graph import (
+    IdMap,
+    build_graph,
+    clip_labels,
+    encode_interactions,
+)
+from frame_dist.graph.manifest import (
+    LAYOUT,
+    GraphManifest,
+    ManifestError,
+    PartitionError,
+    ShardInfo,
+    graph_dir,
+)
+from frame_dist.model.propagation import clip_ids
 
 SPLITS = ("train", "valid", "test")
-LAYOUT = 2  # 2: user ids in Parquet (shard users files, the user id map), not in the manifest
-
-
-class PartitionError(ValueError):
-    """The graph cannot be built or a shard is missing / inconsistent."""
-
-
-def graph_dir(n_clips: int) -> str:
-    return f"graphs/nc={n_clips}"
 
 
 @dataclass
@@ -109,46 +113,57 @@ def graph_fingerprint(cfg: Config, store: Store) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_graph_manifest(store: Store, n_clips: int) -> dict[str, Any] | None:
-    path = posixpath.join(graph_dir(n_clips), "_manifest.json")
-    return store.read_json(path) if store.exists(path) else None
+def read_graph_manifest(store: Store, n_clips: int) -> GraphManifest | None:
+    """The committed graph's manifest for ``n_clips`` (None when there is none); raises
+    :class:`ManifestError` when it is malformed or of an older layout."""
+    return GraphManifest.read(store, n_clips)
 
 
-def _check_layout(manifest: dict[str, Any]) -> None:
-    if manifest.get("layout") != LAYOUT:
-        raise PartitionError(f"the graph for N_c={manifest['n_clips']} was built by an older "
-                             "frame-dist (its user ids are not in Parquet files): run the graph "
-                             "stage again (python -m jobs.graph ...)")
+def _require_graph_manifest(store: Store, n_clips: int) -> GraphManifest:
+    manifest = read_graph_manifest(store, n_clips)
+    if manifest is None:
+        raise PartitionError(f"no committed graph for N_c={n_clips} in "
+                             f"{store.uri(graph_dir(n_clips))}: run the graph stage first")
+    return manifest
 
 
-def read_graph_user_ids(store: Store, manifest: dict[str, Any]) -> pa.Array:
+def read_graph_user_ids(store: Store, manifest: GraphManifest) -> pa.Array:
     """The graph's user id map: (M,) string, row i = user i (global user index i)."""
-    _check_layout(manifest)
-    gdir = graph_dir(manifest["n_clips"])
-    path = store.path(gdir, manifest["user_ids_file"])
+    gdir = graph_dir(manifest.n_clips)
+    path = store.path(gdir, manifest.user_ids_file)
     try:
         ids = pq.read_table(path, filesystem=store.fs)["user_id"]
     except (FileNotFoundError, OSError) as exc:
-        raise PartitionError(f"the user id map of the graph for N_c={manifest['n_clips']} is "
-                             f"missing or unreadable: {store.uri(gdir, manifest['user_ids_file'])}"
+        raise PartitionError(f"the user id map of the graph for N_c={manifest.n_clips} is "
+                             f"missing or unreadable: {store.uri(gdir, manifest.user_ids_file)}"
                              f": {exc}") from exc
-    if len(ids) != manifest["n_users"]:
-        raise PartitionError(f"the user id map of the graph for N_c={manifest['n_clips']} has "
-                             f"{len(ids)} rows, the manifest {manifest['n_users']} users")
+    if len(ids) != manifest.n_users:
+        raise PartitionError(f"the user id map of the graph for N_c={manifest.n_clips} has "
+                             f"{len(ids)} rows, the manifest {manifest.n_users} users")
     return ids.combine_chunks()
 
 
-def build_shards(cfg: Config, store: Store) -> dict[str, Any]:
-    """Build, partition and commit the graph for ``cfg.graph.n_clips``; return the manifest.
+@dataclass(frozen=True)
+class GraphBuild:
+    """What :func:`build_shards` did: the committed manifest, and whether it was reused."""
 
-    Skipped (returns the committed manifest) when inputs and settings are unchanged.
+    manifest: GraphManifest
+    skipped: bool  # inputs and settings unchanged since the commit: nothing was built
+
+
+def build_shards(cfg: Config, store: Store) -> GraphBuild:
+    """Build, partition and commit the graph for ``cfg.graph.n_clips``.
+
+    Skipped (the committed manifest, ``skipped=True``) when inputs and settings are unchanged.
     """
     n_clips, n_shards = cfg.graph.n_clips, cfg.graph.n_shards
     fingerprint = graph_fingerprint(cfg, store)
-    current = read_graph_manifest(store, n_clips)
-    if current is not None and current.get("fingerprint") == fingerprint:
-        current["skipped"] = True
-        return current
+    try:
+        current = read_graph_manifest(store, n_clips)
+    except ManifestError:  # an older layout or a damaged commit: build it again
+        current = None
+    if current is not None and current.fingerprint == fingerprint:
+        return GraphBuild(current, skipped=True)
 
     table = store.table("interactions").read()
     featured = committed_video_ids(store)
@@ -178,42 +193,31 @@ def build_shards(cfg: Config, store: Store) -> dict[str, Any]:
 
     mean, std = frame_feature_moments(store, videos.ids.to_pylist())
     gdir = graph_dir(n_clips)
-    files: list[dict[str, Any]] = []
-    shard_stats = []
+    files: list[dict[str, str]] = []
+    shard_stats: list[ShardInfo] = []
     for k in range(n_shards):  # one iteration per shard, vectorised inside
         shard = _make_shard(k, shard_of_user, graph, every, split, watched, train_position,
                             n_clips, users.ids)
         names = _write_shard(store, gdir, shard)
         files.append(names)
-        shard_stats.append(dict(users=shard.n_users, videos=len(shard.video_ids),
-                                nnz_pos=int(shard.pos.nnz), nnz_neg=int(shard.neg.nnz),
-                                train=len(shard.train["order"]), valid=len(shard.valid["user"]),
-                                test=len(shard.test["user"])))
+        shard_stats.append(ShardInfo(users=shard.n_users, videos=len(shard.video_ids),
+                                     nnz_pos=int(shard.pos.nnz), nnz_neg=int(shard.neg.nnz),
+                                     train=len(shard.train["order"]),
+                                     valid=len(shard.valid["user"]),
+                                     test=len(shard.test["user"])))
     user_ids_file = f"users-{uuid.uuid4().hex[:12]}.parquet"
     pq.write_table(pa.table({"user_id": users.ids}), store.path(gdir, user_ids_file),
                    filesystem=store.fs)
-    manifest = {
-        "layout": LAYOUT,
-        "n_clips": n_clips,
-        "n_shards": n_shards,
-        "positives": cfg.graph.positives,
-        "n_users": len(users),
-        "n_videos": len(videos),
-        "n_train": int(is_train.sum()),
-        "nnz_pos": int(graph.pos.nnz),
-        "nnz_neg": int(graph.neg.nnz),
-        "dropped_no_features": dropped,
-        "user_ids_file": user_ids_file,  # the user id map (read_graph_user_ids)
-        "video_ids": videos.ids.to_pylist(),
-        "shards": shard_stats,
-        "files": files,
-        "feature_mean": mean.tolist(),  # per-dimension moments of the grid frames, used to
-        "feature_std": std.tolist(),  # standardise clip features (load_clip_features)
-        "fingerprint": fingerprint,
-    }
+    manifest = GraphManifest(
+        layout=LAYOUT, n_clips=n_clips, n_shards=n_shards, positives=cfg.graph.positives,
+        n_users=len(users), n_videos=len(videos), n_train=int(is_train.sum()),
+        nnz_pos=int(graph.pos.nnz), nnz_neg=int(graph.neg.nnz), dropped_no_features=dropped,
+        user_ids_file=user_ids_file, video_ids=videos.ids.to_pylist(), shards=shard_stats,
+        files=files, feature_mean=mean.tolist(), feature_std=std.tolist(),
+        fingerprint=fingerprint)
     write_atomic(store.fs, store.path(gdir, "config.yaml"), cfg.to_yaml().encode())
-    store.write_json(posixpath.join(gdir, "_manifest.json"), manifest)
-    return manifest
+    manifest.write(store)
+    return GraphBuild(manifest, skipped=False)
 
 
 def _make_shard(k: int, shard_of_user: np.ndarray, graph, every, split: np.ndarray,
@@ -223,7 +227,7 @@ def _make_shard(k: int, shard_of_user: np.ndarray, graph, every, split: np.ndarr
     mine = np.isin(every.user_idx, rows)  # interactions of this shard's users
     videos = np.unique(every.video_idx[mine])  # (V_s,) sorted global video indices
     # local clip space: columns of this shard's videos, renumbered v_local * N_c + j
-    cols = (videos[:, None] * n_clips + np.arange(n_clips)).reshape(-1)  # (V_s * N_c,)
+    cols = clip_ids(videos, n_clips)  # (V_s * N_c,)
     pos = graph.pos_norm[rows][:, cols].tocsr()
     neg = graph.neg_norm[rows][:, cols].tocsr()
     local_user = np.searchsorted(rows, every.user_idx[mine])
@@ -275,7 +279,7 @@ def _write_shard(store: Store, gdir: str, shard: Shard) -> dict[str, str]:
     return names
 
 
-def load_clip_features(store: Store, manifest: dict[str, Any], videos: np.ndarray
+def load_clip_features(store: Store, manifest: GraphManifest, videos: np.ndarray
                        ) -> np.ndarray:
     """Standardised clip features of global video indices ``videos``: (len * N_c, D) float32.
 
@@ -284,35 +288,31 @@ def load_clip_features(store: Store, manifest: dict[str, Any], videos: np.ndarra
     stored in the graph manifest). The encoder's raw scale (e.g. a randomly initialised trunk
     gives feature norms in the hundreds) then never reaches the model's initialisation.
     """
-    ids = [manifest["video_ids"][v] for v in np.asarray(videos, dtype=np.int64)]
-    features = read_clip_features(store, manifest["n_clips"], ids).features  # (V * N_c, D)
-    mean = np.asarray(manifest["feature_mean"], dtype=np.float32)
-    std = np.maximum(np.asarray(manifest["feature_std"], dtype=np.float32), 1e-6)
+    ids = [manifest.video_ids[v] for v in np.asarray(videos, dtype=np.int64)]
+    features = read_clip_features(store, manifest.n_clips, ids).features  # (V * N_c, D)
+    mean = np.asarray(manifest.feature_mean, dtype=np.float32)
+    std = np.maximum(np.asarray(manifest.feature_std, dtype=np.float32), 1e-6)
     features -= mean
     features /= std
     return features
 
 
-def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, dict[str, Any]]:
+def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, GraphManifest]:
     """Load and merge the given shards of the committed graph (one worker's share)."""
-    manifest = read_graph_manifest(store, n_clips)
-    if manifest is None:
-        raise PartitionError(f"no committed graph for N_c={n_clips} in "
-                             f"{store.uri(graph_dir(n_clips))}: run the graph stage first")
-    _check_layout(manifest)
-    bad = [k for k in indices if not 0 <= k < manifest["n_shards"]]
+    manifest = _require_graph_manifest(store, n_clips)
+    bad = [k for k in indices if not 0 <= k < manifest.n_shards]
     if bad:
         raise PartitionError(f"shards {bad} do not exist: the graph for N_c={n_clips} has "
-                             f"{manifest['n_shards']} shard(s)")
+                             f"{manifest.n_shards} shard(s)")
     gdir = graph_dir(n_clips)
 
     def read(k: int, name: str) -> pa.Table:
-        path = store.path(gdir, manifest["files"][k][name])
+        path = store.path(gdir, manifest.files[k][name])
         try:
             return pq.read_table(path, filesystem=store.fs)
         except (FileNotFoundError, OSError) as exc:
             raise PartitionError(f"graph shard {k} ({name}) is missing or unreadable: "
-                                 f"{store.uri(gdir, manifest['files'][k][name])}: {exc}") from exc
+                                 f"{store.uri(gdir, manifest.files[k][name])}: {exc}") from exc
 
     parts = []
     for k in indices:
@@ -353,7 +353,7 @@ def load_shards(store: Store, n_clips: int, indices: list[int]) -> tuple[Shard, 
     return shard, manifest
 
 
-def load_whole_graph(store: Store, n_clips: int) -> tuple[Shard, dict[str, Any]]:
+def load_whole_graph(store: Store, n_clips: int) -> tuple[Shard, GraphManifest]:
     """Every shard of the committed graph merged into one :class:`Shard` in the *global* space.
 
     The one place the whole graph is assembled in one process (the evaluate stage, the
@@ -364,12 +364,9 @@ def load_whole_graph(store: Store, n_clips: int) -> tuple[Shard, dict[str, Any]]
     :class:`PartitionError` when the graph is missing or its shards do not hold every user of
     the manifest exactly once.
     """
-    manifest = read_graph_manifest(store, n_clips)
-    if manifest is None:
-        raise PartitionError(f"no committed graph for N_c={n_clips} in "
-                             f"{store.uri(graph_dir(n_clips))}: run the graph stage first")
-    merged, manifest = load_shards(store, n_clips, list(range(manifest["n_shards"])))
-    n_users, n_videos = manifest["n_users"], manifest["n_videos"]
+    manifest = _require_graph_manifest(store, n_clips)
+    merged, manifest = load_shards(store, n_clips, list(range(manifest.n_shards)))
+    n_users, n_videos = manifest.n_users, manifest.n_videos
     if not np.array_equal(np.sort(merged.user_rows), np.arange(n_users)):
         raise PartitionError(f"graph N_c={n_clips}: its shards hold {merged.n_users} user rows, "
                              f"not each of the manifest's {n_users} users once")
@@ -395,20 +392,31 @@ def load_whole_graph(store: Store, n_clips: int) -> tuple[Shard, dict[str, Any]]
     return whole, manifest
 
 
-def check_graph(store: Store, n_clips: int, workers: int) -> dict[str, Any]:
-    """Fail before training when the graph is absent, has too few shards, or lost a file."""
-    manifest = read_graph_manifest(store, n_clips)
-    if manifest is None:
-        raise PartitionError(f"no committed graph for N_c={n_clips} in "
-                             f"{store.uri(graph_dir(n_clips))}: run the graph stage first")
-    if workers > manifest["n_shards"]:
-        raise PartitionError(f"train.workers={workers} exceeds the {manifest['n_shards']} "
+def check_graph(store: Store, n_clips: int, workers: int) -> GraphManifest:
+    """Fail before training when the graph is absent, malformed, of an older layout, has too
+    few shards, or lost a file; return its manifest."""
+    manifest = _require_graph_manifest(store, n_clips)
+    if workers > manifest.n_shards:
+        raise PartitionError(f"train.workers={workers} exceeds the {manifest.n_shards} "
                              f"shard(s) of the graph for N_c={n_clips}: rebuild it with "
                              f"graph.n_shards >= {workers}")
     gdir = graph_dir(n_clips)
-    for k, names in enumerate(manifest["files"]):
+    for k, names in enumerate(manifest.files):
         for name, fname in names.items():
             if not store.exists(gdir, fname):
                 raise StoreError(f"graph shard {k} is missing its {name} file "
                                  f"{store.uri(gdir, fname)}")
     return manifest
+
+
+def split_label_counts(store: Store, manifest: GraphManifest, split: str) -> tuple[int, int]:
+    """(rows, full watches) of ``split`` over every shard of the graph: the training workers'
+    evaluation pairs, counted from the label column alone (no worker, no graph in memory)."""
+    gdir = graph_dir(manifest.n_clips)
+    rows = positives = 0
+    for names in manifest.files:
+        labels = pq.read_table(store.path(gdir, names[split]), columns=["label"],
+                               filesystem=store.fs)["label"]
+        rows += len(labels)
+        positives += int(pc.sum(labels).as_py() or 0)
+    return rows, positives

@@ -129,8 +129,7 @@ class RecordedClipSums(LocalPropagation):
     Example::
 
         >>> prop = RecordedClipSums(graph)
-        >>> model.propagation = prop
-        >>> _, h_u_pos, h_u_neg = model.propagate(h_c0, graph)   # h_c: partial, discarded
+        >>> _, h_u_pos, h_u_neg = model.propagate(h_c0, graph, propagation=prop)  # h_c: partial
         >>> prop.sums["pos"].shape                               # (C_local, d)
     """
 
@@ -149,8 +148,8 @@ class SummedClipSums(LocalPropagation):
     """The reduce side: clip sums of eq. 8 already added up over every shard, and no user.
 
     ``pos_sums``, ``neg_sums`` (C, d): sum_k R~_k^T H_u^k over the shards, in global clip order.
-    ``graph`` is a user-less (0 x C) graph over the same clips; ``model.propagate(h_c0, graph)``
-    with this propagation applies W^(2), ReLU (eq. 8), the mean (eq. 9) and the layer
+    ``graph`` is a user-less (0 x C) graph over the same clips; ``model.propagate(h_c0, graph,
+    propagation=this)`` applies W^(2), ReLU (eq. 8), the mean (eq. 9) and the layer
     combination (eq. 10) to the whole graph's sums: the role of
     :class:`DistributedPropagation`'s all-reduce, with the sum done before the call.
     """

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from frame_dist.model.propagation import LocalPropagation, PropagationGraph
+from frame_dist.model.propagation import LocalPropagation, PropagationGraph, clip_ids
 
 
 @dataclass
@@ -59,10 +59,17 @@ class PreferenceMLP(nn.Module):
         self.hidden = nn.Linear(2 * dim, hidden)
         self.out = nn.Linear(hidden, 1)
 
+    def user_part(self, h_u: Tensor) -> Tensor:
+        """W_1[:, :d] h_u, the user half of the first layer: (..., d) -> (..., hidden)."""
+        return F.linear(h_u, self.hidden.weight[:, :self.dim])
+
+    def clip_part(self, h_c: Tensor) -> Tensor:
+        """W_1[:, d:] h_c + b_1, the clip half with the bias: (..., d) -> (..., hidden)."""
+        return F.linear(h_c, self.hidden.weight[:, self.dim:], self.hidden.bias)
+
     def forward(self, h_u: Tensor, h_c: Tensor) -> Tensor:
         """``h_u`` (..., d) and ``h_c`` (..., d), broadcastable; returns (...) scores."""
-        w = self.hidden.weight  # (hidden, 2d)
-        z = F.linear(h_u, w[:, :self.dim]) + F.linear(h_c, w[:, self.dim:], self.hidden.bias)
+        z = self.user_part(h_u) + self.clip_part(h_c)  # (..., hidden) W_1 [h_u ; h_c] + b_1
         return self.out(torch.relu(z)).squeeze(-1)  # (...)
 
 
@@ -252,13 +259,14 @@ class FRAME(nn.Module):
                    else self.clip_table(clip_ids))  # (C, d)
         return self.enhancement(f_c) if self.enhance else f_c  # (C, d) e_c = W_t f_c
 
-    def propagate(self, h_c0: Tensor, graph: PropagationGraph,
-                  clips: Tensor | None = None) -> Embeddings:
+    def propagate(self, h_c0: Tensor, graph: PropagationGraph, clips: Tensor | None = None,
+                  propagation: LocalPropagation | None = None) -> Embeddings:
         """The dual GCN (eqs. 7-10) from H_c^(0) (C, d).
 
         ``clips`` restricts the clip side (eqs. 8-10) to those clip indices: the result's
         ``h_c`` has one row per entry of ``clips``. The user side is always whole (eq. 8 needs
-        every user adjacent to a clip).
+        every user adjacent to a clip). ``propagation`` replaces the model's own for this call
+        only (e.g. a shard's recorded partial sums); None: ``self.propagation``.
         """
         if h_c0.shape[0] != graph.n_clips:
             raise ValueError(f"H_c^(0) has {h_c0.shape[0]} rows, the graph has {graph.n_clips} "
@@ -266,7 +274,7 @@ class FRAME(nn.Module):
         if self.use_negative and graph.neg is None:
             raise ValueError("FRAME(use_negative=True) needs a graph with the negative "
                              "adjacency (graph.neg is None)")
-        prop = self.propagation
+        prop = self.propagation if propagation is None else propagation
         # eq. 7: (R~ H_c^(0)) W costs M_local d^2, less than R~ (H_c^(0) W) at C d^2 when M < C
         h_u_pos = torch.relu(self.w_pos_1(prop.users_from_clips(graph.pos, h_c0)))  # (M, d)
         h_c_pos = torch.relu(self.w_pos_2(
@@ -357,6 +365,57 @@ class FRAME(nn.Module):
             out.append(self.clip_scores(h_u_pos[u, None], hn, h_c_video[v]).mean(-1))  # (b,)
         return torch.cat(out) if out else h_c.new_zeros(0)  # (B,)
 
+    # ------------------------------------------------------------------ fused scores (eqs. 11-13)
+    # The first layer of each MLP splits into a user half and a clip half (PreferenceMLP), so
+    # a score is the sum of a per-user and a per-clip table, each computed once. With G hidden
+    # units (MLP^p's, then MLP^n's; G = 2 hidden, or hidden without the negative side):
+    #
+    #     y(u, v) = sum_j w^T ReLU(Z_u - T_{v,j}) + beta        (= video_scores, eq. 13)
+
+    def _preference_sides(self) -> list[tuple[PreferenceMLP, float]]:
+        """(MLP, signed weight of its score in eq. 12): (MLP^p, a_p) and (MLP^n, -a_n)."""
+        sides = [(self.mlp_pos, self.a_pos)]
+        if self.use_negative:
+            sides.append((self.mlp_neg, -self.a_neg))
+        return sides
+
+    def fused_user_table(self, h_u_pos: Tensor, h_u_neg: Tensor | None) -> Tensor:
+        """Z_u = [W_p[:, :d] h_u^p ; W_n[:, :d] h_u^n]: (M, d) each -> (M, G), contiguous.
+
+        The user halves of MLP^p and MLP^n (``PreferenceMLP.user_part``) side by side.
+        """
+        if self.use_negative and h_u_neg is None:
+            raise ValueError("fused_user_table: the model uses the negative side but h_u_neg "
+                             "is None")
+        sides = zip(self._preference_sides(), (h_u_pos, h_u_neg))  # MLP^n only if used
+        return torch.cat([mlp.user_part(h_u) for (mlp, _), h_u in sides], -1).contiguous()
+
+    def fused_clip_side(self, h_c: Tensor, clips_per_video: int, videos: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, float]:
+        """The clip side of the fused score, (T_c, w, beta), for the clips of ``videos``.
+
+        ``h_c`` (N N_c, d) in clip order c = v * N_c + j; ``videos`` (V,) video indices (None:
+        all N). Returns::
+
+            T_c  = -[W_p[:, d:] h_c + b_p ; W_n[:, d:] h_c + b_n]   (V, N_c, G) thresholds
+            w    = [a_p w_p ; -a_n w_n] / N_c                         (G,)
+            beta = a_p c_p - a_n c_n                                  float
+
+        where Z_c = -T_c are the clip halves (``PreferenceMLP.clip_part``), w_p, c_p the output
+        layer of MLP^p (w_n, c_n of MLP^n). Stored negated: ReLU(Z_u + Z_c) = ReLU(Z_u - T_c).
+        """
+        n_c = clips_per_video
+        h_c_video = h_c.view(-1, n_c, self.dim)  # (N, N_c, d)
+        if videos is not None:
+            h_c_video = h_c_video[videos]  # (V, N_c, d)
+        clip_parts, weights, bias = [], [], 0.0
+        for mlp, scale in self._preference_sides():
+            clip_parts.append(mlp.clip_part(h_c_video))  # (V, N_c, hidden)
+            weights.append(scale * mlp.out.weight[0] / n_c)  # (hidden,)
+            bias += scale * float(mlp.out.bias[0])
+        return ((-torch.cat(clip_parts, -1)).contiguous(), torch.cat(weights).contiguous(),
+                bias)
+
     # ------------------------------------------------------------------ training forward
 
     def forward(self, clip_features: Tensor | None, graph: PropagationGraph, users: Tensor,
@@ -408,6 +467,5 @@ class FRAME(nn.Module):
     def _video_clips(videos: Tensor, clips_per_video: int) -> tuple[Tensor, Tensor]:
         """Clip indices of the distinct ``videos`` ((V_u * N_c,)) and each pair's video slot."""
         uniq, inverse = torch.unique(videos, return_inverse=True)  # (V_u,), (B,)
-        offsets = torch.arange(clips_per_video, device=videos.device)
-        clips = (uniq[:, None] * clips_per_video + offsets).reshape(-1)  # (V_u * N_c,)
+        clips = clip_ids(uniq, clips_per_video)  # (V_u * N_c,)
         return clips, inverse

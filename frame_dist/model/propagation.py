@@ -17,19 +17,43 @@ backward pass (torch's own CSR backward transposes the matrix on every call, ~4x
 
 The adjacency matrices are constants (no gradient); they live in :class:`Adjacency` (R~ and R~^T
 as torch sparse CSR) inside a :class:`PropagationGraph`, built from scipy matrices by
-``frame_dist.graph.clip_graph.to_torch``. Every helper here is vectorised torch (no Python loop per
-edge)
-and runs on CPU or CUDA.
+``frame_dist.graph.clip_graph.to_torch``. Every helper here is vectorised torch (no Python loop
+per edge) and runs on CPU or CUDA. :func:`clip_ids` defines the clip layout every stage shares:
+clip j of video v is clip v * N_c + j.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
+import numpy as np
 import torch
 from torch import Tensor
+
+
+@overload
+def clip_ids(videos: torch.Tensor, n_clips: int) -> torch.Tensor: ...
+
+
+@overload
+def clip_ids(videos: np.ndarray | Sequence[int] | int, n_clips: int) -> np.ndarray: ...
+
+
+def clip_ids(videos, n_clips):
+    """Clip indices of ``videos`` in the clip layout: (V * N_c,), entry i * N_c + j is
+    ``videos[i] * N_c + j`` (clip j of video ``videos[i]``). A scalar is one video.
+
+    The same for global video indices (global clips) and a shard's local ones (local clips).
+    numpy in, int64 numpy out; a tensor in, a tensor on its device out.
+    """
+    if isinstance(videos, torch.Tensor):
+        offsets = torch.arange(n_clips, dtype=videos.dtype, device=videos.device)
+        return (videos.reshape(-1, 1) * n_clips + offsets).reshape(-1)
+    videos = np.asarray(videos, dtype=np.int64).reshape(-1, 1)
+    return (videos * n_clips + np.arange(n_clips, dtype=np.int64)).reshape(-1)
 
 
 def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:

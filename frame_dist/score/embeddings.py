@@ -1,37 +1,11 @@
 """A trained model's embeddings over the whole committed graph, computed once (score stage).
 
-What scoring needs: H_c (C, d) for every clip of the graph (C = N N_c, clip v * N_c + j,
-also the videos nobody interacted with) and, per user, H_u^p and H_u^n (eq. 7) next to that
-user's training interactions.
-
-* :func:`propagate_shards` (the score stage), a map over the shards and a sum: the math of
-  ``frame_dist.model.distributed.DistributedPropagation`` with Ray tasks instead of a process group.
-
-  - map, one Ray task per shard k (:func:`shard_task`; also for a graph of one shard, so the
-    driver never holds a graph): loads shard k alone (``load_shards``) and the clip features
-    of its V_k videos, computes H_c^(0) of its C_k = V_k N_c clips, its users' H_u^p, H_u^n
-    (eq. 7: local, a user's row is whole in its shard) and the partial sums S_k = R~_k^T H_u^k
-    of eq. 8 (before W^(2) and ReLU) of its clips, keyed by global clip id
-    (``RecordedClipSums``). The task is a streaming generator: it yields the clip side first
-    (:class:`ClipPartials`, fetched by the driver), then every object the caller's
-    ``user_side`` function yields for its users (:class:`ShardUsers`) -- the score stage's
-    chunk rows, in objects of >= 256 KiB, left in the object store for the scoring actors; the
-    driver only holds the references.
-  - reduce, on the driver: S = sum_k S_k, added in shard order (the same bits on every run),
-    then eqs. 8-10 through ``model.propagate`` with ``SummedClipSums`` (a propagation without
-    users whose clip side returns S): H_c = alpha_0 H_c^(0) + alpha_1 Mean(ReLU(S^p W_p^(2)),
-    ReLU(S^n W_n^(2))).
-
-  A task's memory is its shard: R~_k rows, C_k x F clip features and C_k x d tables (plus the
-  model and the graph manifest, which lists every video id). It sends the driver (C_k x d) x 3
-  floats (H_c^(0) and both partial sums; 2 without the negative graph, H_c^(0) left out when
-  the model owns its clip table) and C_k ids. The driver holds C x d tables (H_c^(0), S^p,
-  S^n, H_c) and one task's clip side at a time -- nothing per user; it computes H_c^(0)
-  itself only for videos in no shard (nobody interacted with them), from their clip features,
-  a block of videos at a time.
-* :func:`sharded_embeddings`: the same tasks with a ``user_side`` that returns the users'
-  H_u rows, gathered into (M, d) tables on the driver (tests, small graphs);
-  :func:`whole_graph_embeddings`: the whole graph in one process (the reference).
+H_c (C, d) for every clip v * N_c + j of the graph and every user's H_u^p, H_u^n (eq. 7).
+:func:`propagate_shards`: one Ray streaming-generator task per shard (:func:`shard_task`, the
+map), the clip sums of eq. 8 added on the driver (the reduce); each task's user side stays in
+the object store. :func:`sharded_embeddings` gathers every user's H_u on the driver (tests,
+small graphs); :func:`whole_graph_embeddings` is the single-process reference. Design and
+memory: docs/score.md.
 """
 
 from __future__ import annotations
@@ -49,6 +23,7 @@ from torch import Tensor
 
 from feature_store.store import Store
 from frame_dist.graph.clip_graph import adjacency
+from frame_dist.graph.manifest import GraphManifest
 from frame_dist.graph.shards import (
     PartitionError,
     load_clip_features,
@@ -57,7 +32,7 @@ from frame_dist.graph.shards import (
 )
 from frame_dist.model.distributed import RecordedClipSums, SummedClipSums
 from frame_dist.model.frame import FRAME
-from frame_dist.model.propagation import PropagationGraph
+from frame_dist.model.propagation import PropagationGraph, clip_ids
 from frame_dist.train.worker_data import whole_graph
 
 ORPHAN_VIDEOS_PER_BLOCK = 1024  # videos in no shard: clip features read this many at a time
@@ -65,14 +40,14 @@ ORPHAN_VIDEOS_PER_BLOCK = 1024  # videos in no shard: clip features read this ma
 
 @dataclass
 class GraphEmbeddings:
-    """One propagation over the whole graph, in the global space (module docstring)."""
+    """One propagation over the whole graph, in the global space (docs/score.md)."""
 
     h_c: Tensor  # (C, d) H_c of eq. 10, clip v * N_c + j
     h_u_pos: Tensor  # (M, d) H_u^p of eq. 7, manifest user order
     h_u_neg: Tensor | None  # (M, d) H_u^n; None without the negative graph
     train_users: np.ndarray  # (n_train,) global user index of every training interaction
     train_videos: np.ndarray  # (n_train,) global video index
-    manifest: dict[str, Any]  # the graph manifest
+    manifest: GraphManifest  # the graph's
     tasks: int  # shard tasks that computed it (0: the single-process path)
     bytes_from_tasks: int  # payload the tasks sent to the driver
     seconds: float
@@ -115,7 +90,7 @@ class ShardedPropagation:
     h_c: Tensor  # (C, d)
     user_refs: list[list[Any]]  # (P,) per shard: ObjectRefs of what user_side yielded
     cold_users: int  # over every shard
-    manifest: dict[str, Any]
+    manifest: GraphManifest
     bytes_from_tasks: int  # clip partials fetched by the driver
     seconds: float
 
@@ -139,12 +114,12 @@ def rebuild_model(saved: dict[str, Any]) -> FRAME:
     return model.eval()
 
 
-def _manifest(store: Store, n_clips: int, model: FRAME) -> dict[str, Any]:
+def _manifest(store: Store, n_clips: int, model: FRAME) -> GraphManifest:
     manifest = read_graph_manifest(store, n_clips)
     if manifest is None:
         raise PartitionError(f"no committed graph for N_c={n_clips} in {store.uri('graphs')}: "
                              "run the graph stage first")
-    n_total = manifest["n_videos"] * n_clips
+    n_total = manifest.n_videos * n_clips
     if not reads_clip_features(model) and model.n_clips_total != n_total:
         raise PartitionError(f"the model's clip table has {model.n_clips_total} rows, the graph "
                              f"N_c={n_clips} has {n_total} clips")
@@ -174,19 +149,19 @@ def shard_task(saved: dict[str, Any], store: Store, n_clips: int, index: int,
     features = None
     if reads_clip_features(model):
         features = torch.from_numpy(load_clip_features(store, manifest, shard.video_ids))
-    clip_ids = (shard.video_ids[:, None] * n_clips + np.arange(n_clips)).reshape(-1)  # (C_k,)
+    clips = clip_ids(shard.video_ids, n_clips)  # (C_k,)
     graph = PropagationGraph(adjacency(shard.pos),
                              adjacency(shard.neg) if model.use_negative else None,
-                             clips_per_video=n_clips, clip_ids=torch.from_numpy(clip_ids))
+                             clips_per_video=n_clips, clip_ids=torch.from_numpy(clips))
     h_c0 = model.clip_input(features, graph.clip_ids)  # (C_k, d) H_c^(0)
     recorded = RecordedClipSums(graph)
-    model.propagation = recorded
-    _, h_u_pos, h_u_neg = model.propagate(h_c0, graph)  # (M_k, d) each; h_c partial: dropped
+    # (M_k, d) each; h_c partial: dropped
+    _, h_u_pos, h_u_neg = model.propagate(h_c0, graph, propagation=recorded)
     has_train = np.zeros(shard.n_users, dtype=bool)
     has_train[shard.train["user"]] = True
     neg_sums = recorded.sums.get("neg")
     yield ClipPartials(
-        index, clip_ids, h_c0.numpy() if features is not None else None,
+        index, clips, h_c0.numpy() if features is not None else None,
         recorded.sums["pos"].numpy(), None if neg_sums is None else neg_sums.numpy(),
         users=shard.n_users, cold_users=int((~has_train).sum()))
     del features, graph, recorded, h_c0
@@ -212,12 +187,12 @@ def propagate_shards(model: FRAME, store: Store, n_clips: int, user_side: UserSi
 
     start = time.monotonic()
     manifest = _manifest(store, n_clips, model)
-    n_users, n_total, d = manifest["n_users"], manifest["n_videos"] * n_clips, model.dim
+    n_users, n_total, d = manifest.n_users, manifest.n_videos * n_clips, model.dim
     init_ray()
     saved = ray.put({"model_args": model.model_args(), "state_dict": model.state_dict()})
     task = ray.remote(num_cpus=task_cpus, max_retries=2, num_returns="streaming")(shard_task)
     generators = [task.remote(saved, store, n_clips, k, user_side)
-                  for k in range(manifest["n_shards"])]
+                  for k in range(manifest.n_shards)]
 
     h_c0 = torch.zeros(n_total, d)  # (C, d)
     have_h_c0 = torch.zeros(n_total, dtype=torch.bool)
@@ -236,9 +211,9 @@ def propagate_shards(model: FRAME, store: Store, n_clips: int, user_side: UserSi
             if part.h_c0 is not None:
                 h_c0[ids] = torch.from_numpy(part.h_c0)
                 have_h_c0[ids] = True
-        if part.users != manifest["shards"][k]["users"]:
+        if part.users != manifest.shards[k].users:
             raise PartitionError(f"graph N_c={n_clips}: shard {k} holds {part.users} users, "
-                                 f"its manifest says {manifest['shards'][k]['users']}")
+                                 f"its manifest says {manifest.shards[k].users}")
         users += part.users
         cold += part.cold_users
         del part
@@ -251,12 +226,7 @@ def propagate_shards(model: FRAME, store: Store, n_clips: int, user_side: UserSi
     else:
         h_c0 = model.clip_input(None)  # (C, d) from the model's own table
     reduce = SummedClipSums(sums["pos"], sums["neg"], n_clips)
-    before = model.propagation
-    model.propagation = reduce
-    try:
-        h_c = model.propagate(h_c0, reduce.graph).h_c  # (C, d) eqs. 8-10
-    finally:
-        model.propagation = before
+    h_c = model.propagate(h_c0, reduce.graph, propagation=reduce).h_c  # (C, d) eqs. 8-10
     user_refs = [list(generator) for generator in generators]  # references, never fetched
     return ShardedPropagation(h_c, user_refs, cold, manifest,
                               bytes_from_tasks=received, seconds=time.monotonic() - start)
@@ -278,7 +248,7 @@ def sharded_embeddings(model: FRAME, store: Store, n_clips: int, task_cpus: floa
 
     propagation = propagate_shards(model, store, n_clips, user_rows, task_cpus)
     manifest, d = propagation.manifest, model.dim
-    n_users = manifest["n_users"]
+    n_users = manifest.n_users
     h_u = {"pos": torch.zeros(n_users, d),  # (M, d) each
            "neg": torch.zeros(n_users, d) if model.use_negative else None}
     user_count = np.zeros(n_users, dtype=np.int64)
@@ -302,15 +272,15 @@ def sharded_embeddings(model: FRAME, store: Store, n_clips: int, task_cpus: floa
                            seconds=propagation.seconds)
 
 
-def _fill_orphan_clips(model: FRAME, store: Store, manifest: dict[str, Any], h_c0: Tensor,
+def _fill_orphan_clips(model: FRAME, store: Store, manifest: GraphManifest, h_c0: Tensor,
                        have: Tensor) -> None:
     """H_c^(0) of the clips of videos in no shard (nobody interacted with them), in place."""
-    n_clips = manifest["n_clips"]
+    n_clips = manifest.n_clips
     videos = np.flatnonzero(~have.view(-1, n_clips).all(1).numpy())  # (V_o,) global
     for first in range(0, len(videos), ORPHAN_VIDEOS_PER_BLOCK):
         block = videos[first:first + ORPHAN_VIDEOS_PER_BLOCK]
         features = torch.from_numpy(load_clip_features(store, manifest, block))  # (b N_c, F)
-        clips = torch.from_numpy((block[:, None] * n_clips + np.arange(n_clips)).reshape(-1))
+        clips = torch.from_numpy(clip_ids(block, n_clips))  # (b N_c,)
         h_c0[clips] = model.clip_input(features, clips)  # (b N_c, d)
 
 

@@ -31,7 +31,6 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +42,7 @@ from feature_store.frames import FRAME_FEATURES, PREFETCH_PARTS, committed_video
 from feature_store.schemas import FEATURE_DIM
 from feature_store.store import Store, StoreError
 from frame_dist.config import Config, bf16_activations
+from frame_dist.graph.manifest import GraphManifest, ManifestError
 from frame_dist.graph.shards import read_graph_manifest
 
 MIB = 2**20
@@ -394,7 +394,7 @@ class Plan:
 
 
 def plan_training(stats: DataStats, cfg: Config, budget: Budget, device: str = "cpu",
-                  graph_manifest: dict[str, Any] | None = None) -> Plan:
+                  graph_manifest: GraphManifest | None = None) -> Plan:
     """Memory per worker of training ``cfg`` on data ``stats``.
 
     ``graph_manifest``: the committed graph for ``cfg.graph.n_clips``; when given (with at least
@@ -404,13 +404,13 @@ def plan_training(stats: DataStats, cfg: Config, budget: Budget, device: str = "
     activations are bf16 (``frame_dist.config.bf16_activations``).
     """
     n_c, w = cfg.graph.n_clips, cfg.train.workers
-    if graph_manifest is not None and (graph_manifest.get("n_clips") != n_c
-                                       or graph_manifest["n_shards"] < w):
+    if graph_manifest is not None and (graph_manifest.n_clips != n_c
+                                       or graph_manifest.n_shards < w):
         graph_manifest = None  # another graph, or one training would refuse: expected sizes
-    n_shards = graph_manifest["n_shards"] if graph_manifest else cfg.graph.n_shards
+    n_shards = graph_manifest.n_shards if graph_manifest is not None else cfg.graph.n_shards
     n_shards = max(n_shards, w)
-    if graph_manifest:
-        edges = (int(graph_manifest["nnz_pos"]), int(graph_manifest["nnz_neg"]))
+    if graph_manifest is not None:
+        edges = (graph_manifest.nnz_pos, graph_manifest.nnz_neg)
     else:
         edges = expected_edges(stats, n_c, cfg.graph.positives)
     shares = _shares(stats, n_shards, w, edges, graph_manifest)
@@ -446,19 +446,19 @@ def plan_training(stats: DataStats, cfg: Config, budget: Budget, device: str = "
 
 
 def _shares(stats: DataStats, n_shards: int, w: int, edges: tuple[int, int],
-            manifest: dict[str, Any] | None) -> list[WorkerShare]:
+            manifest: GraphManifest | None) -> list[WorkerShare]:
     """What each worker loads: shards k with k mod W = rank (``train_loop_per_worker``)."""
     out = []
     for rank in range(w):
         ks = list(range(rank, n_shards, w))
-        if manifest:
-            sh = [manifest["shards"][k] for k in ks]
+        if manifest is not None:
+            sh = [manifest.shards[k] for k in ks]
             out.append(WorkerShare(
-                rank, len(ks), sum(s["users"] for s in sh),
-                min(stats.n_videos, sum(s["videos"] for s in sh)),
-                sum(s["nnz_pos"] for s in sh), sum(s["nnz_neg"] for s in sh),
-                sum(s["train"] for s in sh), sum(s["valid"] for s in sh),
-                sum(s["test"] for s in sh)))
+                rank, len(ks), sum(s.users for s in sh),
+                min(stats.n_videos, sum(s.videos for s in sh)),
+                sum(s.nnz_pos for s in sh), sum(s.nnz_neg for s in sh),
+                sum(s.train for s in sh), sum(s.valid for s in sh),
+                sum(s.test for s in sh)))
             continue
         share = len(ks) / n_shards  # shards are balanced by edges and rows
         # a video is local when one of its viewers is: each view counted as a distinct user
@@ -724,13 +724,24 @@ def memory_budget(cfg: Config, device: str) -> Budget:
     return worker_budget(cfg, device, gpu_bytes, resources.get("memory"))
 
 
-def plan_run(cfg: Config, store: Store | None = None, check: bool = True) -> Plan:
+def _usable_graph(store: Store, n_clips: int) -> GraphManifest | None:
+    """The committed graph for ``n_clips``; None when there is none or training would refuse
+    its manifest (an older layout, a damaged file): the plan then uses expected sizes."""
+    try:
+        return read_graph_manifest(store, n_clips)
+    except ManifestError:
+        return None
+
+
+def plan_run(cfg: Config, store: Store | None = None, check: bool = True,
+             manifest: GraphManifest | None = None) -> Plan:
     """The plan of training ``cfg`` on the committed data; raises PlanError when it does not fit
-    (``check``), naming the numbers and the plans of the usual alternatives."""
+    (``check``), naming the numbers and the plans of the usual alternatives. ``manifest``: the
+    graph the caller already checked (else read here)."""
     store = store or Store.from_config(cfg.store)
     stats = read_data_stats(store, cfg)
     device = training_device(cfg)
-    manifest = read_graph_manifest(store, cfg.graph.n_clips)
+    manifest = manifest if manifest is not None else _usable_graph(store, cfg.graph.n_clips)
     result = plan_training(stats, cfg, memory_budget(cfg, device), device, manifest)
     if check and not result.fits:
         check_plan(result, alternatives(stats, cfg, memory_budget, device))
@@ -747,7 +758,7 @@ def print_plan(cfg: Config) -> Plan:
         other = copy.deepcopy(cfg)
         other.graph.n_clips = n_c
         alt = plan_training(result.stats, other, result.budget, result.device,
-                            read_graph_manifest(store, n_c))
+                            _usable_graph(store, n_c))
         sweep.append(f"N_c={n_c}: {alt.total('host') / GIB:.2f} GiB"
                      + (f" + {alt.total('device') / GIB:.2f} GiB device"
                         if alt.device == "cuda" else ""))

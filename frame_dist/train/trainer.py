@@ -1,17 +1,16 @@
 """Single-process training of FRAME: plain torch, CPU or CUDA, straight from config to loop.
 
-``train(...)`` runs Adam over shuffled batches of training interactions, evaluates on a
-validation set after every epoch, stops early on validation AUC (``TrainConfig.patience``) and
-returns the history and the best weights. ``evaluate(...)`` computes the paper's metrics for any
-set of (user, video, full-watch label) triples. The distributed trainer reuses the same pieces
-(``build_model``, ``build_loss``, ``FRAMETrainTask``, ``evaluate``, ``autocast_for``) inside
-Ray Train workers.
+``train(...)`` runs the shared loop (``frame_dist.train.loop.fit``: epochs, early stopping on
+validation AUC, history, best weights) with a plain torch Adam step on one process and returns
+the history and the best weights. ``evaluate(...)`` computes the paper's metrics for any set of
+(user, video, full-watch label) triples: the one evaluation path of the trainer, the Ray Train
+workers (their pairs gathered) and the evaluate stage. The distributed trainer reuses the same
+pieces (``build_model``, ``build_loss``, ``FRAMETrainTask``, ``evaluate``, ``autocast_for``).
 """
 
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,10 +28,13 @@ from frame_dist.config import (
     bf16_activations,
 )
 from frame_dist.graph.clip_graph import Interactions, clip_labels
+from frame_dist.model.distributed import DistributedPropagation
 from frame_dist.model.frame import FRAME
 from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch
 from frame_dist.model.metrics import all_metrics
 from frame_dist.model.propagation import LocalPropagation, PropagationGraph
+from frame_dist.train.artifacts import TrainState
+from frame_dist.train.loop import LoopHooks, fit, optimizer_state_bytes, torch_step
 
 
 @dataclass
@@ -81,6 +83,8 @@ class TrainResult:
     best_epoch: int  # 1-based epoch of best_state
     best_metrics: dict[str, float] = field(default_factory=dict)  # validation metrics then
     stopped_early: bool = False
+    state: TrainState = field(default_factory=TrainState)  # the loop's final state
+    test: dict[str, float] = field(default_factory=dict)  # best weights on test_data ({}: none)
 
 
 def build_model(cfg: ModelConfig, n_clip_features: int, n_clips_total: int | None = None,
@@ -173,7 +177,8 @@ def predict(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
         device = model.layer_weights.device
         users_t = torch.as_tensor(np.asarray(users), dtype=torch.long, device=device)
         videos_t = torch.as_tensor(np.asarray(videos), dtype=torch.long, device=device)
-        if len(users_t) == 0:
+        # no pairs: nothing to propagate, unless other workers' propagation needs this one's
+        if len(users_t) == 0 and not isinstance(model.propagation, DistributedPropagation):
             model.check_pairs(users_t, videos_t, graph)
             return np.zeros(0, np.float32)
         with autocast_for(device, precision):
@@ -183,99 +188,80 @@ def predict(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
         model.train(was_training)
 
 
+Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ranking user, label, logit) per pair
+
+
 def evaluate(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
              users: np.ndarray, videos: np.ndarray, labels: np.ndarray,
              ks: Sequence[int] = (3, 5), batch_size: int = 8192,
-             precision: Precision = "fp32") -> dict[str, float]:
-    """AUC, Logloss, Recall@K and NDCG@K of the model on (user, video, full-watch) triples."""
+             precision: Precision = "fp32", rank_users: np.ndarray | None = None,
+             gather: Callable[[Pairs], Pairs] | None = None) -> dict[str, float]:
+    """AUC, Logloss, Recall@K and NDCG@K of the model on (user, video, full-watch) triples.
+
+    Logits by :func:`predict` (``FRAME.score_pairs``). ``rank_users`` (n,): the user id the
+    ranking metrics group by (default ``users``; a worker passes its rows' global indices);
+    ``gather``: joins every process's (user, label, logit) arrays before the metrics.
+    """
     logits = predict(model, clip_features, graph, users, videos, batch_size, precision)
-    return all_metrics(np.asarray(users), np.asarray(labels), logits, ks)
-
-
-def _state_copy(model: torch.nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    pairs = (np.asarray(users if rank_users is None else rank_users), np.asarray(labels),
+             logits)
+    if gather is not None:
+        pairs = gather(pairs)
+    return all_metrics(*pairs, ks)
 
 
 def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
           train_data: TrainData, valid_data: EvalData | None, cfg: TrainConfig,
           eval_cfg: EvaluateConfig | None = None, loss: HybridLoss | None = None,
           device: torch.device | str | None = None,
-          log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train ``model`` in place; return the history and the best state (validation AUC).
+          log: Callable[[str], None] | None = None,
+          test_data: EvalData | None = None) -> TrainResult:
+    """Train ``model`` in place with :func:`frame_dist.train.loop.fit`; return the history and
+    the best state (validation AUC). The model ends with the best weights.
 
-    Adam (``cfg.lr``), batches of ``cfg.batch_size`` interactions reshuffled every epoch with a
-    generator seeded by ``cfg.seed``, gradient-norm clipping at ``cfg.grad_clip`` (0: off), at most
-    ``cfg.epochs`` epochs, stopping after ``cfg.patience`` epochs without a better validation AUC.
-    Without ``valid_data`` every epoch runs and the last state is returned. The forward passes
-    (training and validation) run under ``cfg.precision`` (:func:`autocast_for`); the weights,
-    their gradients and Adam stay fp32.
+    Adam (``cfg.lr``), batches of ``cfg.batch_size`` interactions in the loop's order
+    (``loop.epoch_permutation`` of ``cfg.seed``), gradient-norm clipping at ``cfg.grad_clip``
+    (0: off), at most ``cfg.epochs`` epochs, stopping after ``cfg.patience`` epochs without a
+    better validation AUC. Without ``valid_data`` every epoch runs and the last state is
+    returned; a validation set without both classes is refused (``loop.SplitError``). The
+    forward passes (training and validation) run under ``cfg.precision``
+    (:func:`autocast_for`); the weights, their gradients and Adam stay fp32. ``test_data``:
+    the best weights' metrics on it in ``TrainResult.test``.
     """
     eval_cfg = eval_cfg or EvaluateConfig()
     device = torch.device(device) if device is not None else resolve_device(cfg.use_gpu)
-    if len(train_data) == 0:
-        raise ValueError("train: no training interactions")
-    if valid_data is not None:
-        labels = np.asarray(valid_data.labels)
-        if labels.size == 0 or labels.min() == labels.max():
-            raise ValueError("train: the validation set needs both full watches and skips to "
-                             f"compute AUC (got {labels.size} rows, {int(labels.sum())} full)")
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     loss = loss or HybridLoss(cfg.alpha, cfg.beta if model.use_negative else 0.0, cfg.l2)
     if clip_features is not None:
         clip_features = clip_features.to(device=device, dtype=torch.float32)
     task = FRAMETrainTask(model, loss, clip_features, graph).to_device(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    users = torch.as_tensor(train_data.users, dtype=torch.long, device=device)
-    videos = torch.as_tensor(train_data.videos, dtype=torch.long, device=device)
-    watched = torch.as_tensor(train_data.watched, dtype=torch.long, device=device)
+    users, videos, watched = (torch.as_tensor(a, dtype=torch.long, device=device)
+                              for a in (train_data.users, train_data.videos, train_data.watched))
+    splits = {"valid": valid_data, "test": test_data}
 
-    history: list[dict[str, Any]] = []
-    best_auc, best_epoch, best_metrics = -np.inf, 0, {}
-    best_state = _state_copy(model)
-    stale = 0
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        order = torch.as_tensor(rng.permutation(len(train_data)), device=device)
-        totals: dict[str, Tensor] = {}
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            batch = InteractionBatch(users[idx], videos[idx], watched[idx])
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                batch_loss, stats = task(batch)
-            batch_loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            for key in ("loss", "pointwise", "pairwise", "l2"):
-                totals[key] = totals.get(key, 0.0) + stats[key] * len(idx)
-        entry: dict[str, Any] = {"epoch": epoch}
-        entry.update({k: float(v) / len(train_data) for k, v in totals.items()})
-        entry["train_seconds"] = time.perf_counter() - start
-        if valid_data is not None:
-            metrics = evaluate(model, clip_features, task.graph, valid_data.users,
-                               valid_data.videos, valid_data.labels, eval_cfg.ks,
-                               eval_cfg.batch_size, cfg.precision)
-            entry["valid"] = metrics
-            if metrics["auc"] > best_auc:
-                best_auc, best_epoch, best_metrics = metrics["auc"], epoch, metrics
-                best_state = _state_copy(model)
-                stale = 0
-            else:
-                stale += 1
-        else:
-            best_epoch, best_state = epoch, _state_copy(model)
-        history.append(entry)
-        if log is not None:
-            valid = entry.get("valid", {})
-            log(f"epoch {epoch}: loss {entry['loss']:.4f} (point {entry['pointwise']:.4f}, "
-                f"pair {entry['pairwise']:.4f})"
-                + (f", valid auc {valid['auc']:.4f} logloss {valid['logloss']:.4f}"
-                   if valid else "") + f", {entry['train_seconds']:.1f}s")
-        if valid_data is not None and stale >= cfg.patience:
-            return TrainResult(history, best_state, best_epoch, copy.deepcopy(best_metrics),
-                               stopped_early=True)
-    return TrainResult(history, best_state, best_epoch, copy.deepcopy(best_metrics))
+    def batch(positions: np.ndarray) -> InteractionBatch:
+        idx = torch.as_tensor(positions, device=device)
+        return InteractionBatch(users[idx], videos[idx], watched[idx])
+
+    def evaluate_split(split: str) -> dict[str, float]:
+        data = splits[split]
+        return evaluate(model, clip_features, task.graph, data.users, data.videos, data.labels,
+                        eval_cfg.ks, eval_cfg.batch_size, cfg.precision)
+
+    def label_counts(split: str) -> tuple[int, int]:
+        labels = np.asarray(splits[split].labels)
+        return int(labels.size), int(labels.sum())
+
+    hooks = LoopHooks(model=model, batch=batch,
+                      step=torch_step(task, optimizer, autocast, cfg.grad_clip),
+                      evaluate=evaluate_split, label_counts=label_counts,
+                      begin_epoch=model.train,
+                      optimizer_state_bytes=lambda: optimizer_state_bytes(optimizer), log=log)
+    result = fit(hooks, cfg, len(train_data), validate=valid_data is not None,
+                 test=test_data is not None)
+    state = result.state
+    return TrainResult(state.history, result.best_weights, state.best_epoch,
+                       copy.deepcopy(state.best_valid), state.stopped_early, state,
+                       result.test)

@@ -6,9 +6,9 @@ tests build the same :class:`WorkerData` from a shard. :func:`whole_graph` is th
 case (one worker holding every shard, in the global space): what the evaluate stage, the score
 stage's one-shard path and the benchmarks propagate over.
 
-Batches: every worker draws the same global permutation of the N training interactions from a
-generator seeded with ``train.seed`` (one permutation per epoch, as the single-process trainer
-does), cuts it into global batches of B, and keeps the members that belong to its own users.
+Batches: every worker draws the same global permutation of the N training interactions
+(``frame_dist.train.loop.epoch_permutation``, the sampler of the single-process trainer too),
+cuts it into global batches of B, and keeps the members that belong to its own users.
 So each worker samples only its own interactions, the union over workers is exactly the
 single-process batch, and the loss of each local part is divided by B / W so that DeepSpeed's
 gradient averaging over W workers yields the gradient of the global batch's loss.
@@ -17,7 +17,6 @@ gradient averaging over W workers yields the gradient of the global batch's loss
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +25,10 @@ from torch import Tensor
 
 from feature_store.store import Store
 from frame_dist.graph.clip_graph import adjacency
+from frame_dist.graph.manifest import GraphManifest
 from frame_dist.graph.shards import Shard, load_clip_features, load_whole_graph
 from frame_dist.model.loss import InteractionBatch
-from frame_dist.model.propagation import PropagationGraph
+from frame_dist.model.propagation import PropagationGraph, clip_ids
 
 
 @dataclass
@@ -52,18 +52,17 @@ class WorkerData:
     @classmethod
     def from_shard(cls, shard: Shard, n_clips: int, n_train_global: int,
                    clip_features: np.ndarray | None, with_negative: bool = True) -> WorkerData:
-        clip_ids = (shard.video_ids[:, None] * n_clips + np.arange(n_clips)).reshape(-1)
+        clips = clip_ids(shard.video_ids, n_clips)  # (C_local,) global clip id of local clip
         graph = PropagationGraph(pos=adjacency(shard.pos),
                                  neg=adjacency(shard.neg) if with_negative else None,
-                                 clips_per_video=n_clips,
-                                 clip_ids=torch.from_numpy(clip_ids.astype(np.int64)))
+                                 clips_per_video=n_clips, clip_ids=torch.from_numpy(clips))
         sort = np.argsort(shard.train["order"], kind="stable")  # O(local rows), not O(N_train)
         t = shard.train
         return cls(
             graph=graph,
             clip_features=None if clip_features is None else torch.from_numpy(
                 np.ascontiguousarray(clip_features, dtype=np.float32)),
-            global_clip_ids=torch.from_numpy(clip_ids.astype(np.int64)),
+            global_clip_ids=torch.from_numpy(clips.copy()),  # not shared with the graph's
             user_rows=shard.user_rows, video_ids=shard.video_ids,
             train_users=torch.from_numpy(t["user"].astype(np.int64)),
             train_videos=torch.from_numpy(t["video"].astype(np.int64)),
@@ -83,9 +82,6 @@ class WorkerData:
         self.global_clip_ids = self.global_clip_ids.to(device)
         return self
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-self.n_train_global // batch_size)
-
     def local_batch(self, global_positions: np.ndarray, batch_size: int, world: int,
                     device: torch.device | str) -> InteractionBatch:
         """This worker's members of one global batch; the loss divides by B / W."""
@@ -101,7 +97,7 @@ class WorkerData:
 
 
 def whole_graph(store: Store, n_clips: int, use_negative: bool = True,
-                with_features: bool = True) -> tuple[WorkerData, dict[str, Any]]:
+                with_features: bool = True) -> tuple[WorkerData, GraphManifest]:
     """The whole committed graph as one process's WorkerData (a single worker holding every shard).
 
     In the global space (``frame_dist.graph.shards.load_whole_graph``): row i is user i of the
@@ -111,16 +107,6 @@ def whole_graph(store: Store, n_clips: int, use_negative: bool = True,
     """
     shard, manifest = load_whole_graph(store, n_clips)
     features = load_clip_features(store, manifest, shard.video_ids) if with_features else None
-    data = WorkerData.from_shard(shard, n_clips, manifest["n_train"], features,
+    data = WorkerData.from_shard(shard, n_clips, manifest.n_train, features,
                                  with_negative=use_negative)
     return data, manifest
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The global order of training interactions in ``epoch`` (1-based), identical on every
-    worker and on resume: the ``epoch``-th permutation drawn from ``default_rng(seed)``, which is
-    what the single-process trainer draws."""
-    rng = np.random.default_rng(seed)
-    for _ in range(epoch - 1):
-        rng.permutation(n)
-    return rng.permutation(n)

@@ -1,0 +1,96 @@
+"""The run's files (frame_dist.train.artifacts): each written and read back by its one writer and
+reader, in the run's folder (``run_dir``), in the formats other code and people read."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from feature_store.store import Store, StoreError
+from frame_dist.config import ModelConfig, load_config
+from frame_dist.train.artifacts import (
+    Checkpoint,
+    RunClaim,
+    RunMetrics,
+    SavedModel,
+    TrainState,
+    run_dir,
+    run_path,
+)
+from frame_dist.train.ray_loop import write_outputs
+from frame_dist.train.trainer import build_model
+
+METRICS_KEYS = {"test", "best_epoch", "valid", "global_step", "epochs_run", "resumed_at_steps",
+                "history", "n_clips", "workers", "fingerprint"}
+
+
+def test_run_dir_is_the_folder_of_every_file() -> None:
+    assert run_dir("frame") == "runs/frame"
+    assert run_path("frame", "model.pt") == "runs/frame/model.pt"
+
+
+def test_write_outputs_model_pt_and_metrics_json(tmp_path) -> None:
+    cfg = load_config(None, [f"store.root={tmp_path}/store", "train.run_name=r1",
+                             "graph.n_clips=4", "model.dim=8", "model.hidden=16"])
+    store = Store.from_config(cfg.store)
+    model = build_model(ModelConfig(dim=8, hidden=16), 6, seed=0)
+    history = [{"epoch": 1, "loss": 1.0, "valid": {"auc": 0.6}},
+               {"epoch": 2, "loss": 0.9, "valid": {"auc": 0.7}}]
+    state = TrainState(epoch=3, global_step=10, best_auc=0.7, best_epoch=2, history=history,
+                       resumes=[4], fingerprint="f1", done=True)
+    write_outputs(cfg, store, model, state, {"auc": 0.65})
+
+    # model.pt: plain tensors and dicts (weights_only=True), rebuilt from the file alone
+    raw = torch.load(store.path(run_path("r1", "model.pt")), weights_only=True)
+    assert set(raw) == {"model_args", "state_dict", "config"}
+    saved = SavedModel.read(store, "r1")
+    assert saved.n_clips == 4 and saved.config["train"]["run_name"] == "r1"
+    assert len(saved.sha256) == 64
+    rebuilt = saved.build()
+    assert not rebuilt.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+
+    # metrics.json: the keys the report, the tests and people read
+    data = store.read_json(run_path("r1", "metrics.json"))
+    assert set(data) == METRICS_KEYS
+    assert data["valid"] == {"auc": 0.7} and data["epochs_run"] == 2
+    assert data["resumed_at_steps"] == [4] and data["fingerprint"] == "f1"
+    assert RunMetrics.read(store, "r1") == RunMetrics.from_dict(data)
+    assert RunMetrics.read(store, "other") is None
+    assert store.exists(run_path("r1", "config.yaml"))
+
+
+def test_missing_model_says_what_to_run(tmp_path) -> None:
+    with pytest.raises(StoreError, match=r"no trained model at .*runs/none/model.pt: run the "
+                                         r"train stage first \(train.run_name=none\)"):
+        SavedModel.read(Store(str(tmp_path)), "none")
+
+
+def test_run_claim_round_trip(tmp_path) -> None:
+    store = Store(str(tmp_path))
+    assert RunClaim.read(store, "r") is None
+    RunClaim("abc", {"train": {"lr": 0.1}}).write(store, "r")
+    assert store.read_json(run_path("r", "run.json")) == {"fingerprint": "abc",
+                                                          "config": {"train": {"lr": 0.1}}}
+    assert RunClaim.read(store, "r") == RunClaim("abc", {"train": {"lr": 0.1}})
+
+
+def test_checkpoint_contents_round_trip(tmp_path) -> None:
+    state = TrainState(epoch=2, step=3, global_step=7, best_auc=0.8, best_epoch=1,
+                       history=[{"epoch": 1}], fingerprint="f")
+    weights = {"w": torch.arange(4.0)}
+    checkpoint = Checkpoint(state, weights)
+    checkpoint.write_weights(str(tmp_path))
+    back = Checkpoint.read(str(tmp_path), checkpoint.client_state())
+    assert back.state == state and torch.equal(back.best_weights["w"], weights["w"])
+    with pytest.raises(RuntimeError, match="holds no training state; refusing to restart"):
+        Checkpoint.read(str(tmp_path), {})
+    # the client state of checkpoints written before the loop was shared (no stopped_early,
+    # best AUC -1.0) still resumes
+    older = {"epoch": 2, "step": 0, "global_step": 4, "best_auc": -1.0, "best_epoch": 1,
+             "stale": 0, "done": False, "history": [], "resumes": [], "fingerprint": "f"}
+    assert TrainState.from_dict(older).best_auc == -1.0
+    assert TrainState().best_auc == -math.inf and TrainState().best_valid == {}
