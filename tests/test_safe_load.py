@@ -93,11 +93,11 @@ def test_deepspeed_checkpoints_round_trip_and_planted_states_are_refused(tmp_pat
 
 def test_planted_model_pt_and_best_weights_are_refused_by_their_readers(tmp_path):
     from feature_store.store import Store
-    from frame_dist.train.artifacts import BEST_FILE, Checkpoint, SavedModel, run_path
+    from frame_dist.train.artifacts import BEST_FILE, Checkpoint, SavedModel, run_dir, run_path
 
     store = Store(str(tmp_path / "store"))
     marker = tmp_path / "pwned"
-    os.makedirs(store.path("runs/r"))
+    os.makedirs(store.path(run_dir("r")))
     plant(store.path(run_path("r", "model.pt")), str(marker))
     with pytest.raises(UnsafeCheckpointError, match=f"{tmp_path}/store/runs/r/model.pt: refused"):
         SavedModel.read(store, "r")
