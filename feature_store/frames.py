@@ -9,7 +9,10 @@ frame_dist.extract.sources), so a video whose uri or file changed is extracted a
 features are committed in a later part, and the readers take every video from the **latest**
 part listing it, so the old version is never read again. The manifest metadata holds the
 encoder identity (``encoder``: weights, image size, grid size G, dim, preprocessing); a run
-with another identity is refused (:class:`EncoderIdentityError`).
+with another identity is refused (:class:`EncoderIdentityError`). Features imported by
+``jobs.import_features`` carry ``weights = "external:<name>"`` (:func:`is_imported`), any dim F,
+and parts without ``sources`` (there is no video to re-extract them from); a table holds either
+imported or extracted features, never both.
 
 Table ``extract_errors`` (schema :data:`feature_store.schemas.ERRORS`): the failures of the last
 run, replaced at the end of each run (failed videos are retried by the next one); the part file
@@ -49,6 +52,7 @@ from feature_store.store import Part, Store, StoreError
 FRAME_FEATURES = "frame_features"
 EXTRACT_ERRORS = "extract_errors"
 READ_COLUMNS = ["video_id", "grid_index", "feature"]
+IMPORTED_PREFIX = "external:"  # weights of imported features: external:<name>
 PREFETCH_PARTS = 4  # part files read ahead by threads while the previous one is assembled
 
 
@@ -64,7 +68,7 @@ class ClipFeatures:
 
     video_ids: np.ndarray  # (N,) str; index = video index
     n_clips: int  # N_c
-    features: np.ndarray  # (N * N_c, 2048) float32; row = video index * N_c + clip index
+    features: np.ndarray  # (N * N_c, D) float32; row = video index * N_c + clip index
     grid_size: int  # G of the stored grid (each clip is the mean of G / N_c grid frames)
     encoder: dict[str, Any]  # the encoder identity of the stored features
 
@@ -122,11 +126,24 @@ def stored_identity(store: Store) -> dict[str, Any] | None:
     return store.table(FRAME_FEATURES).metadata().get("encoder")
 
 
+def is_imported(identity: dict[str, Any] | None) -> bool:
+    """True for the identity of imported features (``weights`` = ``external:<name>``)."""
+    return bool(identity) and str(identity.get("weights", "")).startswith(IMPORTED_PREFIX)
+
+
 def check_encoder_identity(store: Store, identity: dict[str, Any]) -> None:
     """Refuse to mix features of different encoders or grids in one table."""
     stored = stored_identity(store)
     if stored is None or stored == identity:
         return
+    if is_imported(stored) != is_imported(identity):
+        have, this = (("imported", "extracted") if is_imported(stored)
+                      else ("extracted", "imported"))
+        raise EncoderIdentityError(
+            f"{store.uri('tables', FRAME_FEATURES)} holds {have} features "
+            f"({stored.get('weights')}); this run's are {this} ({identity.get('weights')}): "
+            "imported and extracted features are never mixed in one table. Use another "
+            "store.root, or delete that table.")
     keys = sorted(set(stored) | set(identity))
     diffs = [f"{k}: stored {stored.get(k)!r}, this run {identity.get(k)!r}"
              for k in keys if stored.get(k) != identity.get(k)]
@@ -168,6 +185,12 @@ def extract_error_rows(video_ids: Sequence[str], uris: Sequence[str], reasons: S
 
 
 # ------------------------------------------------------------------------------------ reading
+
+
+def _dim(encoder: dict[str, Any]) -> int:
+    """D of the stored features: the encoder identity's ``dim`` (2048 for the ResNet trunk,
+    any F for imported features)."""
+    return int(encoder.get("dim", FEATURE_DIM))
 
 
 def _part_ids(part: Part) -> list[str]:
@@ -272,8 +295,8 @@ def read_frame_features(store: Store, video_ids: Sequence[str] | None = None
 
     ``video_ids`` None: every committed video, sorted by id; else exactly these, in this order.
     """
-    order, plan, grid, _ = _plan(store, video_ids)
-    out = np.empty((len(order), grid, FEATURE_DIM), np.float16)
+    order, plan, grid, encoder = _plan(store, video_ids)
+    out = np.empty((len(order), grid, _dim(encoder)), np.float16)
     for rows, feats in _iter_parts(store, plan, grid):
         out[rows] = feats
     return order.astype(str), out
@@ -291,12 +314,12 @@ def read_clip_features(store: Store, n_clips: int, video_ids: Sequence[str] | No
     if n_clips <= 0 or grid % n_clips:
         raise ValueError(f"n_clips={n_clips} does not divide the grid size G={grid} of the "
                          f"stored frame features (choose N_c among the divisors of G)")
-    per_clip = grid // n_clips
-    out = np.empty((len(order), n_clips, FEATURE_DIM), np.float32)
+    per_clip, dim = grid // n_clips, _dim(encoder)
+    out = np.empty((len(order), n_clips, dim), np.float32)
     for rows, feats in _iter_parts(store, plan, grid):
-        clips = feats.reshape(len(rows), n_clips, per_clip, FEATURE_DIM)  # (n, N_c, G/N_c, D)
+        clips = feats.reshape(len(rows), n_clips, per_clip, dim)  # (n, N_c, G/N_c, D)
         out[rows] = clips.mean(axis=2, dtype=np.float32)  # (n, N_c, D)
-    return ClipFeatures(order.astype(str), n_clips, out.reshape(-1, FEATURE_DIM), grid, encoder)
+    return ClipFeatures(order.astype(str), n_clips, out.reshape(-1, dim), grid, encoder)
 
 
 def frame_feature_moments(store: Store, video_ids: Sequence[str] | None = None
@@ -306,9 +329,9 @@ def frame_feature_moments(store: Store, video_ids: Sequence[str] | None = None
     Streams one part at a time (float64 sums), so memory stays at one part whatever the store
     size. Clip features are means of grid frames, so their mean equals this mean for any N_c.
     """
-    _, plan, grid, _ = _plan(store, video_ids)
-    total = np.zeros(FEATURE_DIM)
-    squares = np.zeros(FEATURE_DIM)
+    _, plan, grid, encoder = _plan(store, video_ids)
+    total = np.zeros(_dim(encoder))
+    squares = np.zeros(_dim(encoder))
     count = 0
     for _, feats in _iter_parts(store, plan, grid):
         flat = feats.reshape(-1, feats.shape[-1]).astype(np.float64)  # (n * G, D)

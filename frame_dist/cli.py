@@ -31,24 +31,47 @@ def parse_config(description: str, argv: Sequence[str] | None = None) -> Config:
 
 def run_stage(stage: str, fn: Callable[[], object], cfg: Config | None = None) -> int:
     """Run one stage; on failure print ``stage <name> failed: <cause>`` and where the full
-    traceback was written (``<store>/logs/<stage>/`` of ``cfg``), and return EXIT_FAILED."""
+    traceback was written (``<store>/logs/<stage>/`` of ``cfg``), and return EXIT_FAILED.
+
+    Meanwhile what the libraries print goes to the stage's output log next to it
+    (:func:`frame_dist.console.stage_output`); the console keeps the job's own lines.
+    """
+    from frame_dist.console import stage_output
+
+    messages: list[str] = []  # printed once the console is the console again
+    rc = EXIT_OK
+    with stage_output(stage, _store_or_none(cfg)) as output:
+        try:
+            fn()
+        except (ConfigError, EncoderIdentityError) as exc:
+            messages.append(f"stage {stage} refused its configuration: {exc}")
+            rc = EXIT_CONFIG
+        except Exception as exc:  # noqa: BLE001 - the job's contract: a one-line cause + exit code
+            messages += [f"stage {stage} failed: {type(exc).__name__}: {exc}",
+                         f"stage {stage}: full traceback in {failure_log(stage, cfg, output)}"]
+            rc = EXIT_FAILED
+    for message in messages:
+        print(message, file=sys.stderr)
+    return rc
+
+
+def _store_or_none(cfg: Config | None) -> object | None:
+    if cfg is None:
+        return None
     try:
-        fn()
-    except (ConfigError, EncoderIdentityError) as exc:
-        print(f"stage {stage} refused its configuration: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except Exception as exc:  # noqa: BLE001 - the job's contract is a one-line cause + exit code
-        print(f"stage {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"stage {stage}: full traceback in {failure_log(stage, cfg)}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+        from feature_store.store import Store
+
+        return Store.from_config(cfg.store)
+    except Exception:  # noqa: BLE001 - no output log then; failure_log says why the store failed
+        return None
 
 
-def failure_log(stage: str, cfg: Config | None) -> str:
+def failure_log(stage: str, cfg: Config | None, output: str | None = None) -> str:
     """Write the current exception's traceback to the stage's log file; return its location.
 
     In the store (``logs/<stage>/<time>-<host>-<pid>.log``) when ``cfg`` names one and it can
     be written, else in this machine's temporary directory (the store may be the cause).
+    ``output``: the stage's output log, named in the file.
     """
     import socket
     import tempfile
@@ -57,8 +80,9 @@ def failure_log(stage: str, cfg: Config | None) -> str:
 
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}.log"
     text = (f"stage {stage} failed at {time.strftime('%Y-%m-%d %H:%M:%S %z')} on "
-            f"{socket.gethostname()} (pid {os.getpid()})\ncommand: {' '.join(sys.argv)}\n\n"
-            + traceback.format_exc())
+            f"{socket.gethostname()} (pid {os.getpid()})\ncommand: {' '.join(sys.argv)}\n"
+            + (f"output of the stage's libraries and workers: {output}\n" if output else "")
+            + "\n" + traceback.format_exc())
     problem = ""
     if cfg is not None:
         try:

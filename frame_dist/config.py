@@ -58,7 +58,8 @@ class WorldConfig:
 class IngestConfig:
     interactions: str = ""  # CSV or Parquet file of interactions (empty: the synthetic world's)
     videos: str = ""  # CSV or Parquet file of videos (video_id, uri[, duration_s])
-    preset: Literal["frame", "authors", "kuairec", "custom"] = "frame"  # column-name preset
+    # column-name preset (and the unit of its times): frame_dist/ingest/interactions.PRESETS
+    preset: Literal["frame", "authors", "kuairec", "kuairand", "custom"] = "frame"
     columns: dict[str, str] = field(default_factory=dict)  # our name -> source column name
     duration_unit: Literal["s", "ms"] | None = None  # unit of play time and duration (None: preset)
     max_watch_ratio: float = 1.0  # watch ratio r is capped here (replays exceed 1)
@@ -67,6 +68,10 @@ class IngestConfig:
     valid_fraction: float = 0.1  # validation (early stopping) = the fraction before the test part
     min_user_interactions: int = 5  # users with fewer interactions stay entirely in train
     bad_rows: Literal["fail", "quarantine"] = "fail"  # policy for invalid rows; never silent
+    # source column of the true full-watch probability (e.g. p_full, in [0, 1]), where the data
+    # carries one: ingest writes the `truth` table from it, so evaluate and the report show the
+    # oracle's metrics (empty: none; the synthetic world commits its own truth)
+    truth_column: str = ""
 
 
 @dataclass
@@ -86,6 +91,14 @@ class ExtractConfig:
     seek_min_frames: int = 48  # seek (keyframe, then forward) to a grid time this many frame
     #                            intervals ahead of the decoder; 0: always decode sequentially
     encoder_threads: int = 0  # torch threads per CPU encoder actor (0: node CPUs / encoder_actors)
+    # precomputed features (jobs.import_features; docs/extract.md "Bringing precomputed
+    # features"): a .npy array (V, G, F) or a Parquet file (video_id + G x F floats per video)
+    import_path: str = ""  # empty: no import; set, ingest also accepts videos without a uri
+    import_ids: str = ""  # with a .npy file: video ids, one per line, or a Parquet/CSV video_id
+    import_name: str = ""  # names the features: identity weights "external:<import_name>"
+    # frames: (G, F) grid frames per video; clips: (N_c, F) clip features, stored as a grid of
+    # G = N_c frames (graph.n_clips = N_c gives them back exactly)
+    import_kind: Literal["frames", "clips"] = "frames"
 
 
 @dataclass
@@ -284,6 +297,8 @@ def _validate_ranges(cfg: Config) -> None:
     _non_negative(e, "extract.encoder_threads", x.encoder_threads)
     if x.image_size < 32:
         e.append(f"extract.image_size={x.image_size} must be >= 32 (ResNet-50 downsamples 32x)")
+    if x.import_name:  # part of the stored identity "external:<name>"
+        _name(e, "extract.import_name", x.import_name)
 
     g = cfg.graph
     _positive(e, "graph.n_clips", g.n_clips)

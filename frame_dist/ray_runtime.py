@@ -18,6 +18,7 @@ import signal
 import socket
 import tempfile
 import time
+import uuid
 
 # Ray Train's controller polls its workers this often (Ray's default: 2 s). Every report, the
 # end of a run and its start wait for a poll, which makes a small run on one machine ~10 s
@@ -49,11 +50,17 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from frame_dist.console import route_worker_logs
+
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        route_worker_logs()  # workers' marked lines to the console, the rest to the stage log
         return
     use_local_ray_env()
     reap_leftovers()
+    # every process of this instance inherits the marker (workers rename themselves, so their
+    # command lines do not say which instance they belong to; their environment does)
+    os.environ[INSTANCE_ENV] = uuid.uuid4().hex
     port = _free_port()
     # Ray's state API (Ray Train's PlacementGroupCleaner uses it inside the instance) finds its
     # server through RAY_API_SERVER_ADDRESS, else by scanning for "the" local instance, which
@@ -62,6 +69,7 @@ def init_ray(num_cpus: int | None = None) -> None:
              dashboard_host="127.0.0.1", dashboard_port=port, _node_ip_address="127.0.0.1",
              log_to_driver=True,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    route_worker_logs()
     record_local_instance()
 
 
@@ -70,6 +78,9 @@ def init_ray(num_cpus: int | None = None) -> None:
 # one file per local driver (FRAME_DIST_RAY_RECORDS: another folder, for tests)
 RECORDS = os.environ.get("FRAME_DIST_RAY_RECORDS") or os.path.join(tempfile.gettempdir(),
                                                                     "frame-dist-ray")
+
+
+INSTANCE_ENV = "FRAME_DIST_RAY_INSTANCE"  # marks every process of one local instance
 
 
 def _free_port() -> int:
@@ -88,11 +99,12 @@ def record_local_instance() -> str:
     procs = [{"pid": p.pid, "started": p.create_time(), "name": p.name()}
              for p in me.children(recursive=True)]
     session = ray._private.worker._global_node.get_session_dir_path()
+    marker = os.environ.get(INSTANCE_ENV)
     os.makedirs(RECORDS, exist_ok=True)
     path = os.path.join(RECORDS, f"{me.pid}.json")
     with open(path, "w") as f:
         json.dump({"driver": me.pid, "driver_started": me.create_time(), "session": session,
-                   "processes": procs}, f)
+                   "marker": marker, "processes": procs}, f)
     return path
 
 
@@ -101,7 +113,8 @@ def reap_leftovers(grace_s: float = 3.0) -> list[int]:
 
     Only processes that this project's drivers started are touched: a recorded pid that still
     has its recorded start time (a reused pid is left alone), or a process of this user whose
-    command line names the dead instance's own session directory. Returns the ended pids.
+    command line names the dead instance's own session directory or whose environment carries
+    the instance's marker (:data:`INSTANCE_ENV`). Returns the ended pids.
     """
     import psutil
 
@@ -119,7 +132,8 @@ def reap_leftovers(grace_s: float = 3.0) -> list[int]:
         if driver_alive:
             continue
         victims = [p["pid"] for p in record["processes"] if _same_process(p["pid"], p["started"])]
-        victims += [pid for pid in _session_processes(record.get("session")) if pid not in victims]
+        victims += [pid for pid in _session_processes(record.get("session"), record.get("marker"))
+                    if pid not in victims]
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -144,20 +158,24 @@ def reap_leftovers(grace_s: float = 3.0) -> list[int]:
     return ended
 
 
-def _session_processes(session: str | None) -> list[int]:
-    """Pids of this user's processes whose command line names ``session`` (a session dir)."""
+def _session_processes(session: str | None, marker: str | None = None) -> list[int]:
+    """Pids of this user's processes whose command line names ``session`` (a session dir) or
+    whose environment has ``INSTANCE_ENV=marker``."""
     import psutil
 
-    if not session or "session_" not in session:
+    if not (session and "session_" in session) and not marker:
         return []
     out = []
     for proc in psutil.process_iter(["pid", "uids", "cmdline"]):
         try:
             if proc.info["uids"] and proc.info["uids"].real != os.getuid():
                 continue
-            if any(session in arg for arg in proc.info["cmdline"] or ()):
+            if session and "session_" in session and any(
+                    session in arg for arg in proc.info["cmdline"] or ()):
                 out.append(proc.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            elif marker and proc.environ().get(INSTANCE_ENV) == marker:
+                out.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return [pid for pid in out if pid != os.getpid()]
 

@@ -20,7 +20,9 @@ from frame_dist.evaluate.evaluation import evaluate_run, load_test_split, metric
 from frame_dist.evaluate.report import write_report
 
 
-def evaluate(cfg: Config) -> dict:
+def evaluate(cfg: Config, table: bool = True) -> dict:
+    """Evaluate the run; print a line, and (``table``) the metrics table and the report path
+    (jobs.pipeline prints those last, once)."""
     store = Store.from_config(cfg.store)
     with StageLease(store, f"evaluate-{cfg.train.run_name}"):
         test = load_test_split(store, cfg.train.run_name)  # read once: metrics and case study
@@ -28,8 +30,9 @@ def evaluate(cfg: Config) -> dict:
         report = write_report(cfg, store, result, test)
     print(f"evaluate: run {result['run']} (N_c={result['n_clips']}), "
           f"{result['model']['n']} test interactions")
-    print(metrics_table(result))
-    print(f"report: {report}")
+    if table:
+        print(metrics_table(result))
+        print(f"report: {report}")
     return result
 
 

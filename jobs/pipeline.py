@@ -25,7 +25,7 @@ def stages(cfg: Config) -> list[tuple[str, object]]:
         ("extract", lambda: extract.extract(cfg)),
         ("graph", lambda: graph.graph(cfg)),
         ("train", lambda: train.train(cfg)),
-        ("evaluate", lambda: evaluate.evaluate(cfg)),
+        ("evaluate", lambda: evaluate.evaluate(cfg, table=False)),  # the table comes last
         ("score", lambda: score.score(cfg)),
     ]
 

@@ -4,14 +4,18 @@ reader, in the run's folder (``run_dir``), in the formats other code and people 
 from __future__ import annotations
 
 import math
+import shlex
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from feature_store.store import Store, StoreError
 from frame_dist.config import ModelConfig, load_config
 from frame_dist.train.artifacts import (
     Checkpoint,
+    ModelCard,
     RunClaim,
     RunMetrics,
     SavedModel,
@@ -61,6 +65,59 @@ def test_write_outputs_model_pt_and_metrics_json(tmp_path) -> None:
     assert RunMetrics.read(store, "r1") == RunMetrics.from_dict(data)
     assert RunMetrics.read(store, "other") is None
     assert store.exists(run_path("r1", "config.yaml"))
+
+
+def test_model_card_beside_model_pt(tmp_path) -> None:
+    """The train stage's card: a YAML header (yaml.safe_load) with the model, N_c, the data
+    fingerprint and metrics; what the run did not measure says so; the command trains it again."""
+    overrides = [f"store.root={tmp_path}/my store", "train.run_name=r1", "graph.n_clips=4",
+                 "model.dim=8", "model.hidden=16", "train.lr=5e-4", "evaluate.ks=[3, 10]",
+                 "ingest.columns={user_id: uid}", "ingest.interactions=007.csv"]
+    cfg = load_config(None, overrides)
+    store = Store.from_config(cfg.store)
+    state = TrainState(epoch=2, global_step=3, best_auc=0.7, best_epoch=1, fingerprint="f1",
+                       history=[{"epoch": 1, "valid": {"auc": 0.7}}], done=True)
+    write_outputs(cfg, store, build_model(cfg.model, 6, seed=0), state,
+                  {"auc": 0.65, "logloss": 0.6})
+    text = store.read_bytes(run_path("r1", ModelCard.FILE)).decode()
+    assert text.startswith("---\n")
+    header = yaml.safe_load(text.split("\n---\n")[0].removeprefix("---\n"))
+    assert header == ModelCard.parse_header(text) == ModelCard.read_header(store, "r1")
+    assert header["model_name"] == "FRAME" and header["run_name"] == "r1"
+    assert header["n_clips"] == 4
+    assert header["data_fingerprint"] == "unknown"  # no graph committed in this store
+    assert header["run_fingerprint"] == "f1"
+    assert header["model_config"] == cfg.to_dict()["model"]
+    assert header["metrics"]["model"] == {"auc": 0.65, "logloss": 0.6}
+    assert header["metrics"]["oracle"] == header["metrics"]["baselines"] == "not measured"
+    assert "| model | 0.6500 | 0.6000 |" in text
+    assert "| oracle | not measured (the evaluate stage has not run yet) |" in text
+    # the reproducing command: only what differs from the defaults, and it loads back equal
+    command = shlex.split(header["reproduce"])
+    assert command[:3] == ["python", "-m", "jobs.pipeline"]
+    assert "train.lr=0.0005" in command and "model.dim=8" in command
+    assert not [a for a in command if a.startswith(("train.epochs=", "extract."))]
+    assert load_config(None, command[3:]).to_dict() == cfg.to_dict()
+    config_file = store.uri(run_path("r1", "config.yaml"))
+    assert f"python -m jobs.pipeline --config '{config_file}'" in text
+    assert load_config(config_file).to_dict() == cfg.to_dict()
+
+
+def test_model_card_without_metrics_says_not_measured(tmp_path) -> None:
+    cfg = load_config(None, [f"store.root={tmp_path}", "train.run_name=r2"])
+    card = ModelCard("r2", cfg.to_dict(), "g1", metrics=None)
+    header = ModelCard.parse_header(card.render())
+    assert header["data_fingerprint"] == "g1"
+    assert header["metrics"] == {"source": "not measured", "model": "not measured",
+                                 "oracle": "not measured", "baselines": "not measured"}
+    evaluated = ModelCard("r2", cfg.to_dict(), "g1", None,
+                          {"model": {"auc": np.float64(0.6), "n": np.int64(9)}})
+    header = ModelCard.parse_header(evaluated.render())
+    assert header["metrics"]["model"] == {"auc": 0.6, "n": 9}
+    assert header["metrics"]["oracle"] == "not measured"  # evaluated data without a truth
+    assert "ingest.truth_column" in evaluated.render()
+    with pytest.raises(StoreError, match="no YAML header"):
+        ModelCard.parse_header("# no header\n")
 
 
 def test_missing_model_says_what_to_run(tmp_path) -> None:

@@ -1,10 +1,12 @@
+import io
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from feature_store.schemas import INTERACTIONS
+from feature_store.schemas import INTERACTIONS, TRUTH
 from feature_store.store import Store
 from frame_dist.config import load_config
 from frame_dist.ingest.interactions import (
@@ -114,6 +116,109 @@ def test_kuairec_timestamps_are_exact_milliseconds(tmp_path, store, policy):
         run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
         assert _errors(store) == [(2001, "timestamp", reason)]
         assert store.table("interactions").read().num_rows == 2000
+
+
+# KuaiRand's log files (log_standard_*.csv, log_random_*.csv), column for column
+KUAIRAND_HEADER = ("user_id,video_id,date,hourmin,time_ms,is_click,is_like,is_follow,is_comment,"
+                   "is_forward,is_hate,long_view,play_time_ms,duration_ms,profile_stay_time,"
+                   "comment_stay_time,is_profile_enter,is_rand,tab\n")
+
+
+def test_kuairand_preset_milliseconds(tmp_path, store):
+    inter = tmp_path / "log_standard_4_08_to_4_21_1k.csv"
+    inter.write_text(KUAIRAND_HEADER
+                     + "0,a,20220421,1500,1650524400123,1,0,0,0,0,0,0,4500,18000,0,0,0,0,1\n"
+                     + "0,b,20220421,1500,1650524401000,1,0,0,0,0,0,1,21000,10000,0,0,0,0,1\n"
+                     + "7,a,20220408,0,1649347200000,0,0,0,0,0,0,0,0,18000,0,0,0,1,0\n")
+    run_ingest(_cfg("ingest.preset=kuairand", "ingest.min_user_interactions=10"), store,
+               str(inter), str(_videos(tmp_path)))
+    t = store.table("interactions").read().to_pandas()
+    assert t["user_id"].tolist() == ["0", "0", "7"]
+    assert t["video_id"].tolist() == ["a", "b", "a"]
+    assert t["play_time_s"].tolist() == [4.5, 21.0, 0.0]  # play_time_ms / 1000
+    assert t["duration_s"].tolist() == [18.0, 10.0, 18.0]  # duration_ms / 1000
+    assert t["watch_ratio"].tolist() == [0.25, 1.0, 0.0]  # a replay is capped at 1
+    assert t["full_watch"].tolist() == [False, True, False]
+    assert t["timestamp"].tolist() == [1650524400123, 1650524401000, 1649347200000]  # time_ms
+
+
+def test_kuairand_preset_needs_its_columns(tmp_path, store):
+    inter = tmp_path / "k.csv"  # KuaiRec's layout under the KuaiRand preset
+    inter.write_text("user_id,video_id,play_duration,video_duration,timestamp\n14,a,1,2,3\n")
+    with pytest.raises(IngestError) as err:
+        run_ingest(_cfg("ingest.preset=kuairand"), store, str(inter), str(_videos(tmp_path)))
+    assert ("k.csv: missing column(s) play_time (source column 'play_time_ms'), duration "
+            "(source column 'duration_ms') for preset 'kuairand'") in str(err.value)
+
+
+def test_truth_column_becomes_the_truth_table(tmp_path, store):
+    inter = tmp_path / "t.csv"
+    inter.write_text("user_id,video_id,play_time_s,duration_s,timestamp,p_full\n"
+                     "u1,a,5,10,3,0.25\n"
+                     "u1,b,10,10,1,1\n"
+                     "u2,a,1,10,2,0\n")
+    run_ingest(_cfg("ingest.truth_column=p_full"), store, str(inter), str(_videos(tmp_path)))
+    truth = store.table("truth").read()
+    assert truth.schema.equals(TRUTH)
+    assert truth.to_pylist() == [
+        {"user_id": "u1", "video_id": "a", "timestamp": 3, "p_full": 0.25},
+        {"user_id": "u1", "video_id": "b", "timestamp": 1, "p_full": 1.0},
+        {"user_id": "u2", "video_id": "a", "timestamp": 2, "p_full": 0.0}]
+    assert store.table("truth").metadata()["column"] == "p_full"
+    # without a truth column no truth is written; a configured column must exist
+    other = Store(str(tmp_path / "other"))
+    run_ingest(_cfg(), other, str(inter), str(_videos(tmp_path)))
+    assert not other.table("truth").exists()
+    with pytest.raises(IngestError) as err:
+        run_ingest(_cfg("ingest.truth_column=p_true"), other, str(inter),
+                   str(_videos(tmp_path)))
+    assert "missing column(s) truth (source column 'p_true', ingest.truth_column)" in str(
+        err.value)
+
+
+TRUTH_ROWS = ("user_id,video_id,play_time_s,duration_s,timestamp,p\n"
+              "u1,a,5,10,1,0.5\n"    # row 1 good
+              "u1,b,5,10,2,\n"       # row 2 missing
+              "u1,c,5,10,3,nan\n"    # row 3 NaN
+              "u2,a,5,10,4,high\n"   # row 4 not a number
+              "u2,b,5,10,5,inf\n"    # row 5 infinite
+              "u2,c,5,10,6,-0.1\n"   # row 6 below 0
+              "u3,a,5,10,7,1.5\n"    # row 7 above 1
+              "u3,b,5,10,8,1.0\n")   # row 8 good
+TRUTH_ERRORS = [(2, "p", "truth p is missing or NaN"),
+                (3, "p", "truth p is missing or NaN"),
+                (4, "p", "truth p is not a number: 'high'"),
+                (5, "p", "truth p is infinite"),
+                (6, "p", "truth p is outside [0, 1]: -0.1"),
+                (7, "p", "truth p is outside [0, 1]: 1.5")]
+
+
+@pytest.mark.parametrize("policy", ["fail", "quarantine"])
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_truth_column_bad_values_are_bad_rows(tmp_path, store, policy, suffix):
+    inter = tmp_path / f"t{suffix}"
+    if suffix == ".csv":
+        inter.write_text(TRUTH_ROWS)
+    else:  # typed: a float column (the unparseable row becomes a null)
+        frame = pd.read_csv(io.StringIO(TRUTH_ROWS), dtype={"user_id": str, "video_id": str})
+        frame["p"] = pd.to_numeric(frame["p"], errors="coerce")
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), inter)
+    expected = [e if suffix == ".csv" or e[0] != 4 else (4, "p", "truth p is missing or NaN")
+                for e in TRUTH_ERRORS]
+    cfg = _cfg("ingest.truth_column=p", f"ingest.bad_rows={policy}")
+    if policy == "fail":
+        with pytest.raises(IngestError) as err:
+            run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+        assert str(err.value) == _fail_message([f"{inter} row {r}: {reason}"
+                                                for r, _, reason in expected])
+        assert _nothing_committed(store) and not store.table("truth").exists()
+    else:
+        run_ingest(cfg, store, str(inter), str(_videos(tmp_path)))
+        assert _errors(store) == expected
+        assert store.table("interactions").read()["source_row"].to_pylist() == [1, 8]
+        truth = store.table("truth").read().to_pylist()
+        assert [(t["user_id"], t["video_id"], t["p_full"]) for t in truth] == [
+            ("u1", "a", 0.5), ("u3", "b", 1.0)]
 
 
 def test_custom_mapping_and_missing_column_message(tmp_path, store):

@@ -56,8 +56,9 @@ def test_a_killed_drivers_ray_processes_are_ended_by_the_next_start(tmp_path, mo
     record = tmp_path / "rec" / f"{driver.pid}.json"
     assert record.exists()
     children = driver_children = psutil.Process(driver.pid).children(recursive=True)
-    session = json.loads(record.read_text())["session"]
-    assert "/session_" in session and ray_runtime._session_processes(session)
+    recorded = json.loads(record.read_text())
+    session, marker = recorded["session"], recorded["marker"]
+    assert "/session_" in session and ray_runtime._session_processes(session, marker)
     assert children, "the local instance started no process?"
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -68,7 +69,7 @@ def test_a_killed_drivers_ray_processes_are_ended_by_the_next_start(tmp_path, mo
     assert set(lingering) <= set(ended)
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     # agents the raylet started after the record was written name the session: gone too
-    assert ray_runtime._session_processes(session) == []
+    assert ray_runtime._session_processes(session, marker) == []
     assert not record.exists()
 
 

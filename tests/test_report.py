@@ -11,15 +11,18 @@ saved model (``FRAME.embeddings`` + ``FRAME.clip_scores``).
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from worlds import copy_store, train_and_save  # tests/ is on sys.path (pytest)
 
 from feature_store.store import Store
+from frame_dist.config import load_config
 from frame_dist.evaluate.report import (
     CASE_PLOT,
     CURVE_PLOT,
@@ -30,8 +33,10 @@ from frame_dist.evaluate.report import (
     run_summary,
 )
 from frame_dist.graph.clip_graph import clip_labels
+from frame_dist.graph.manifest import GraphManifest
+from frame_dist.ingest.interactions import run_ingest
 from frame_dist.model.frame import FRAME
-from frame_dist.train.artifacts import run_dir, run_path
+from frame_dist.train.artifacts import ModelCard, run_dir, run_path
 from frame_dist.train.worker_data import whole_graph
 from jobs import evaluate as evaluate_job
 
@@ -135,6 +140,51 @@ def test_case_study_skip_clip_and_scores(evaluated):
     assert len(case["clip_scores"]) == n_clips
     np.testing.assert_allclose(case["clip_scores"], expected.numpy(), atol=1e-5, rtol=0)
     assert case["video_score"] == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
+def test_model_card_after_evaluation(evaluated):
+    """The evaluate stage rewrites the card with evaluation.json's metrics and the oracle's."""
+    cfg, store, _ = evaluated
+    evaluation = store.read_json(run_path(RUN, "evaluation.json"))
+    text = store.read_bytes(run_path(RUN, ModelCard.FILE)).decode()
+    header = ModelCard.parse_header(text)
+    assert header["n_clips"] == cfg.graph.n_clips
+    assert header["data_fingerprint"] == GraphManifest.read(store, cfg.graph.n_clips).fingerprint
+    assert header["metrics"]["model"] == evaluation["model"]
+    assert header["metrics"]["oracle"] == evaluation["oracle"]
+    assert header["metrics"]["baselines"] == "not measured"
+    assert f"| oracle | {evaluation['oracle']['auc']:.4f} |" in text
+    saved = torch.load(store.path(run_path(RUN, "model.pt")), weights_only=True)
+    command = shlex.split(header["reproduce"])
+    assert load_config(None, command[3:]).to_dict() == saved["config"]
+
+
+def test_oracle_from_an_ingested_truth_column(evaluated, tmp_path):
+    """Data carrying its own truth (ingest.truth_column) gets the oracle row: the world's log
+    with p_full as a column, ingested into a copy of the store that has no truth table."""
+    _, store, overrides = evaluated
+    cfg, copy, overrides = copy_store(store, overrides, tmp_path / "store", ignore=("truth",))
+    assert not copy.table("truth").exists()
+    world_log = store.table("interactions").metadata()["source"]
+    videos = store.table("videos").metadata()["source"]
+    log = pd.read_csv(world_log, dtype={"user_id": str, "video_id": str})
+    truth = store.table("truth").read().to_pandas()
+    log = log.merge(truth, on=["user_id", "video_id", "timestamp"], how="left")
+    assert log["p_full"].notna().all()
+    source = tmp_path / "log_with_truth.csv"
+    log.to_csv(source, index=False)
+    overrides = [*overrides, f"ingest.interactions={source}", f"ingest.videos={videos}",
+                 "ingest.truth_column=p_full"]
+    run_ingest(load_config(None, overrides), copy)
+    assert copy.table("truth").metadata()["column"] == "p_full"
+    assert evaluate_job.main(overrides) == 0
+    result = copy.read_json(run_path(RUN, "evaluation.json"))
+    expected = store.read_json(run_path(RUN, "evaluation.json"))
+    assert result["model"] == pytest.approx(expected["model"], abs=1e-9)
+    assert result["oracle"] == pytest.approx(expected["oracle"], abs=1e-9)
+    markdown = copy.read_bytes(run_path(RUN, REPORT)).decode()
+    assert f"Oracle AUC: **{expected['oracle']['auc']:.4f}**" in markdown
+    assert ModelCard.read_header(copy, RUN)["metrics"]["oracle"] == result["oracle"]
 
 
 def test_pick_skip_without_a_skip_or_a_played_clip():

@@ -5,9 +5,11 @@ propagates once over the whole committed graph (every shard merged: the single-p
 fine up to millions of edges; the training stage computes the same metrics distributed), scores
 the test interactions of the ``interactions`` table and computes AUC, Logloss, Recall@K and
 NDCG@K with the trainer's evaluation (``frame_dist.train.trainer.evaluate``). Where the store
-has the synthetic world's ``truth`` table, the **oracle** (the true full-watch probability of
-every test interaction) is scored with the same metrics: the ceiling any model can reach on this
-data. Writes ``evaluation.json`` beside the run's checkpoints.
+has a ``truth`` table (the synthetic world's, or one ingest wrote from ``ingest.truth_column``)
+covering every test interaction, the **oracle** (the true full-watch probability of each) is
+scored with the same metrics: the ceiling any model can reach on this data. Writes
+``evaluation.json`` beside the run's checkpoints and rewrites the run's ``model_card.md`` with
+these metrics (``frame_dist.train.artifacts.ModelCard``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from frame_dist.graph.manifest import GraphManifest
 from frame_dist.model.frame import FRAME
 from frame_dist.model.metrics import all_metrics
 from frame_dist.score.embeddings import reads_clip_features
-from frame_dist.train.artifacts import SavedModel, run_path
+from frame_dist.train.artifacts import ModelCard, SavedModel, run_path
 from frame_dist.train.trainer import evaluate
 from frame_dist.train.worker_data import WorkerData, whole_graph
 
@@ -92,6 +94,8 @@ def evaluate_run(cfg: Config, store: Store, test: TestSplit | None = None) -> di
             p = joined["p_full"].to_numpy().clip(1e-7, 1 - 1e-7)
             result["oracle"] = all_metrics(users, labels, np.log(p / (1 - p)), cfg.evaluate.ks)
     store.write_json(run_path(cfg.train.run_name, EVALUATION), result)
+    # the card beside model.pt, now with the evaluated metrics and the oracle's
+    ModelCard.for_run(store, cfg.train.run_name, evaluation=result).write(store)
     return result
 
 

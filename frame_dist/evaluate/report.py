@@ -330,11 +330,13 @@ def report_markdown(result: dict[str, Any], rows: list[dict[str, Any]],
            f"N_c = {result['n_clips']}; {model['n']} test interactions, {model['positives']} "
            "full watches.", "", "## Test metrics", "", metrics_table(result), ""]
     if "oracle" in result:
-        out += [f"Oracle AUC: **{result['oracle']['auc']:.4f}** (the simulation's true "
-                "full-watch probabilities scored with the same metrics: the ceiling on this "
-                f"data). This run: {model['auc']:.4f}.", ""]
+        out += [f"Oracle AUC: **{result['oracle']['auc']:.4f}** (the true full-watch "
+                "probabilities of the `truth` table, the simulation's or the data's own, scored "
+                f"with the same metrics: the ceiling on this data). This run: {model['auc']:.4f}.",
+                ""]
     else:
-        out += ["Oracle AUC: not known (the store has no `truth` table).", ""]
+        out += ["Oracle AUC: not known (no `truth` table covers the test interactions; data "
+                "that carries the true probability gets one with `ingest.truth_column`).", ""]
 
     out += ["## Metrics against N_c", "",
             f"Every evaluated run of this store on the same data ({len(rows)} run(s)); "

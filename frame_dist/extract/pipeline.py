@@ -35,7 +35,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,17 +45,21 @@ import pyarrow.compute as pc
 
 from feature_store.frames import (
     EXTRACT_ERRORS,
+    EncoderIdentityError,
     check_encoder_identity,
     commit_frame_parts,
     committed_sources,
     extract_error_rows,
     frame_features_table,
+    is_imported,
+    stored_identity,
     write_extract_errors,
     write_frame_part,
 )
 from feature_store.schemas import FEATURE_DIM, VIDEOS, conform
 from feature_store.store import Part, Store
 from frame_dist.config import Config, ConfigError, ExtractConfig
+from frame_dist.console import Progress, console_error, quiet_ray_data
 from frame_dist.extract.sources import source_change, source_identities
 
 FAULT_ENV = "FRAME_DIST_FAULT_KILL_AFTER_COMMITS"
@@ -67,6 +70,7 @@ WRITE_CPUS = 0
 DECODER_MEMORY = 192 * 2**20  # a decode worker: Python, PyArrow, FFmpeg (~130 MiB measured)
 CHANGED_LISTED = 5  # changed videos named in the summary line (ExtractSummary holds all)
 CHANGED_PRINTED = 100  # changed videos printed one per line before the work starts
+NO_URI = "no uri and no imported features (jobs.import_features)"  # extract_errors reason
 
 DECODED = pa.schema([
     ("video_id", pa.string()),
@@ -324,8 +328,10 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
     committed from a source that changed since (its uri, or the file's size, mtime or ETag).
 
     Encoder weights / image size / grid must match what the store already holds
-    (:class:`feature_store.frames.EncoderIdentityError` otherwise). Returns the summary (also
-    printed); raises :class:`ExtractError` when every video failed.
+    (:class:`feature_store.frames.EncoderIdentityError` otherwise). Videos without a uri are
+    failures (:data:`NO_URI`); a store of imported features extracts nothing
+    (:func:`_imported_store`). Returns the summary (also printed); raises
+    :class:`ExtractError` when every video failed.
     """
     import ray
 
@@ -334,9 +340,13 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
 
     start = time.monotonic()
     x = cfg.extract
+    if is_imported(stored_identity(store)):
+        return _imported_store(cfg, store, start)
     identity = encoder_identity(x)
     check_encoder_identity(store, identity)
     todo, skipped, changed, sources = videos_to_extract(store)
+    failures: dict[str, tuple[str, str]] = {}
+    todo = _without_uri(todo, failures)
     for k, (vid, why) in enumerate(changed.items()):
         if k == CHANGED_PRINTED:  # a whole bucket re-uploaded, say
             print(f"extract: ... and {len(changed) - k} more changed videos", flush=True)
@@ -344,7 +354,6 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
         print(f"extract: {vid} changed since its commit ({why}): extracting it again",
               flush=True)
     features_uri = store.uri("tables", "frame_features")
-    failures: dict[str, tuple[str, str]] = {}
     done, first_part_at = 0, None
     if len(todo):
         init_ray()
@@ -353,6 +362,7 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
             raise ConfigError("extract.device='cuda' but the Ray cluster has no GPUs")
         use_gpu = has_gpus and x.device != "cpu"
         # one input block per decoding task: small tasks spread over the cluster's CPUs
+        quiet_ray_data()
         ds = ray.data.from_items(todo.to_pylist(), override_num_blocks=math.ceil(
             len(todo) / x.videos_per_decode_task))
         ds = ds.map_batches(
@@ -375,21 +385,63 @@ def run_extract(cfg: Config, store: Store) -> ExtractSummary:
                            precision="bf16-autocast" if use_gpu else "float32"))
         done, first_part_at = _commit_as_they_arrive(ds, store, identity, cfg, failures,
                                                      sources)
-    if len(todo) or not store.table(EXTRACT_ERRORS).exists():
-        # nothing to do means every video is committed: the table already says "no failure"
-        errors = extract_error_rows(list(failures), [u for u, _ in failures.values()],
-                                    [r for _, r in failures.values()])
-        write_extract_errors(store, errors, config=cfg)
     summary = ExtractSummary(done, skipped, len(failures), done * x.grid_size,
                              time.monotonic() - start, features_uri,
                              {vid: reason for vid, (_, reason) in failures.items()},
                              None if first_part_at is None else first_part_at - start,
                              changed)
+    return _finish(cfg, store, summary, failures, bool(len(todo)))
+
+
+def _without_uri(todo: pa.Table, failures: dict[str, tuple[str, str]]) -> pa.Table:
+    """``todo`` minus its videos without a uri, which become failures (:data:`NO_URI`)."""
+    has_uri = pc.greater(pc.utf8_length(todo.column("uri")), 0)
+    for vid in todo.filter(pc.invert(has_uri)).column("video_id").to_pylist():
+        failures[vid] = ("", NO_URI)
+    return todo.filter(has_uri)
+
+
+def _finish(cfg: Config, store: Store, summary: ExtractSummary,
+            failures: dict[str, tuple[str, str]], ran: bool) -> ExtractSummary:
+    """Write ``extract_errors``, print the summary; raise when every video failed."""
+    if ran or failures or not store.table(EXTRACT_ERRORS).exists():
+        # nothing to do means every video is committed: the table already says "no failure"
+        errors = extract_error_rows(list(failures), [u for u, _ in failures.values()],
+                                    [r for _, r in failures.values()])
+        write_extract_errors(store, errors, config=cfg)
     print(summary.line(), flush=True)
-    if failures and not done and not skipped:
+    if failures and not summary.done and not summary.skipped:
         raise ExtractError(f"all {len(failures)} videos failed; first: "
                            f"{next(iter(summary.failures.items()))}")
     return summary
+
+
+def _imported_store(cfg: Config, store: Store, start: float) -> ExtractSummary:
+    """Extract on a store of imported features: nothing to extract, nothing to mix.
+
+    Videos with imported features are skipped; videos without a uri nor features are failures
+    (:data:`NO_URI`); a video with a uri but no features would need the encoder, whose features
+    never join imported ones: refused (:class:`EncoderIdentityError`).
+    """
+    stored = stored_identity(store)
+    todo, skipped, changed, _ = videos_to_extract(store)  # changed: none (parts lack sources)
+    failures: dict[str, tuple[str, str]] = {}
+    todo = _without_uri(todo, failures)
+    features_uri = store.uri("tables", "frame_features")
+    if len(todo):
+        ids = todo.column("video_id").to_pylist()
+        raise EncoderIdentityError(
+            f"{features_uri} holds imported features ({stored.get('weights')}), but {len(ids)} "
+            f"video(s) of the videos table have a uri and no features: "
+            f"{ids[:CHANGED_LISTED]}{' ...' if len(ids) > CHANGED_LISTED else ''}. Imported "
+            "and extracted features are never mixed in one table: import their features too "
+            "(jobs.import_features), or use another store.root to extract every video.")
+    print(f"extract: {features_uri} holds imported features ({stored.get('weights')}): "
+          "nothing to extract", flush=True)
+    summary = ExtractSummary(0, skipped, len(failures), 0, time.monotonic() - start,
+                             features_uri, {vid: r for vid, (_, r) in failures.items()}, None,
+                             changed)
+    return _finish(cfg, store, summary, failures, False)
 
 
 def _commit_as_they_arrive(ds: Any, store: Store, identity: dict[str, Any], cfg: Config,
@@ -411,26 +463,30 @@ def _commit_as_they_arrive(ds: Any, store: Store, identity: dict[str, Any], cfg:
         done += sum(len(p.meta["video_ids"]) for p in pending)
         pending, commits, last_commit = [], commits + 1, time.monotonic()
         if kill_after and commits >= kill_after:
-            print(f"{FAULT_ENV}={kill_after}: killing the driver after commit {commits}",
-                  file=sys.stderr, flush=True)
+            console_error(f"{FAULT_ENV}={kill_after}: killing the driver after commit {commits}")
             os.kill(os.getpid(), signal.SIGKILL)
 
     # prefetch_batches=0: with prefetching, Ray Data hands over block k only once block k+1
     # exists, so every commit would lag one part behind.
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        is_part = block.column("part_path").is_valid()
-        parts = block.filter(is_part).to_pydict()
-        for path, rows, meta in zip(parts["part_path"], parts["part_rows"], parts["part_meta"]):
-            meta = json.loads(meta)
-            meta["sources"] = {vid: sources[vid] for vid in meta["video_ids"]}
-            pending.append(Part(path, rows, meta))
-        if pending and first_part_at is None:
-            first_part_at = time.monotonic()
-        bad = block.filter(pc.invert(is_part)).to_pydict()
-        failures.update((vid, (uri, reason)) for vid, uri, reason in
-                        zip(bad["video_id"], bad["uri"], bad["reason"]))
-        if pending and time.monotonic() - last_commit >= COMMIT_MIN_INTERVAL_S:
+    with Progress(len(sources), "extract", "video") as bar:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow",
+                                     prefetch_batches=0):
+            is_part = block.column("part_path").is_valid()
+            parts = block.filter(is_part).to_pydict()
+            for path, rows, meta in zip(parts["part_path"], parts["part_rows"],
+                                        parts["part_meta"]):
+                meta = json.loads(meta)
+                meta["sources"] = {vid: sources[vid] for vid in meta["video_ids"]}
+                pending.append(Part(path, rows, meta))
+                bar.update(len(meta["video_ids"]))
+            if pending and first_part_at is None:
+                first_part_at = time.monotonic()
+            bad = block.filter(pc.invert(is_part)).to_pydict()
+            failures.update((vid, (uri, reason)) for vid, uri, reason in
+                            zip(bad["video_id"], bad["uri"], bad["reason"]))
+            bar.update(len(bad["video_id"]))
+            if pending and time.monotonic() - last_commit >= COMMIT_MIN_INTERVAL_S:
+                commit()
+        if pending:
             commit()
-    if pending:
-        commit()
     return done, first_part_at

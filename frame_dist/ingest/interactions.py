@@ -9,10 +9,17 @@ preset     user_id        video_id      play_time         duration       timesta
 frame      user_id        video_id      play_time_s       duration_s     timestamp
 authors    user_id        photo_id      playing_time      duration_ms    (row order)
 kuairec    user_id        video_id      play_duration     video_duration timestamp
+kuairand   user_id        video_id      play_time_ms      duration_ms    time_ms
 =========  =============  ============  ================  =============  ==============
 
-Times of the ``authors`` and ``kuairec`` presets are in milliseconds, ``frame`` in seconds
-(``IngestConfig.duration_unit`` overrides). A source without a timestamp column uses its row order.
+Times of the ``authors``, ``kuairec`` and ``kuairand`` presets are in milliseconds, ``frame`` in
+seconds (``IngestConfig.duration_unit`` overrides); ``kuairand`` timestamps are milliseconds
+since the epoch. A source without a timestamp column uses its row order.
+
+**Truth** (``IngestConfig.truth_column``, optional): a source column holding the true
+probability of a full watch of each row. Each value must be a finite number in [0, 1] (else the
+row is bad, as below); the good rows' values are committed as the ``truth`` table
+(:data:`~feature_store.schemas.TRUTH`), which the evaluate stage scores as the oracle.
 
 **Files** are UTF-8 (a byte-order mark is allowed); any other encoding is refused, under either
 policy, naming the line and byte (checked in a streaming pass). CSV / TSV columns are read as
@@ -30,9 +37,10 @@ truncated or wrapped.
 first data row (line 2 of a CSV file with a header).
 
 **Bad rows** (missing ids; NaN / non-numeric / infinite / negative play time; NaN / infinite /
-zero / negative duration; a missing, non-numeric, fractional or out-of-range timestamp; a video
-id absent from the videos table; a later copy of an earlier good row's (user, video,
-timestamp), reported as "duplicate of row N") are never dropped silently: with
+zero / negative duration; a missing, non-numeric, fractional or out-of-range timestamp; a
+missing, non-numeric, infinite or out-of-[0, 1] truth value; a video id absent from the videos
+table; a later copy of an earlier good row's (user, video, timestamp), reported as "duplicate of
+row N") are never dropped silently: with
 ``bad_rows="fail"`` the stage raises :class:`IngestError` listing them and writes nothing; with
 ``bad_rows="quarantine"`` they go to the ``ingest_errors`` table (one row per bad row and
 reason) and the good rows are ingested. A source without data rows, or with no good row left,
@@ -68,7 +76,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from feature_store.schemas import ERRORS, INTERACTIONS, VIDEOS, conform
+from feature_store.schemas import ERRORS, INTERACTIONS, TRUTH, VIDEOS, conform
 from feature_store.store import Store
 from frame_dist.config import Config, IngestConfig
 
@@ -80,6 +88,8 @@ PRESETS: dict[str, tuple[dict[str, str], str]] = {
                      duration="duration_ms"), "ms"),
     "kuairec": (dict(user_id="user_id", video_id="video_id", play_time="play_duration",
                      duration="video_duration", timestamp="timestamp"), "ms"),
+    "kuairand": (dict(user_id="user_id", video_id="video_id", play_time="play_time_ms",
+                      duration="duration_ms", timestamp="time_ms"), "ms"),
     "custom": ({}, "s"),
 }
 # timestamps multiplied by this to whole numbers: KuaiRec's are seconds with ms decimals
@@ -331,18 +341,27 @@ def _timestamps(col: pa.ChunkedArray, bad: _BadRows, field: str, scale: int = 1,
     return values
 
 
-def validate_videos(table: pa.Table, uri: str) -> tuple[pa.Table, pa.Table]:
-    """Return (valid videos conforming to VIDEOS, error rows)."""
-    for name in ("video_id", "uri"):
+def validate_videos(table: pa.Table, uri: str, uri_optional: bool = False
+                    ) -> tuple[pa.Table, pa.Table]:
+    """Return (valid videos conforming to VIDEOS, error rows).
+
+    ``uri_optional`` (features are imported: ``extract.import_path``): a missing uri, or no uri
+    column, is stored as "" and left to extract (imported features, or "no uri" there).
+    """
+    for name in ("video_id",) if uri_optional else ("video_id", "uri"):
         if name not in table.column_names:
             raise IngestError(f"{uri}: videos table lacks column {name!r}; "
                               f"has {table.column_names}")
     n = table.num_rows
     bad = _BadRows(n)
     ids = _ids(table.column("video_id"), "video_id", uri)
-    uris = _text(table.column("uri"))
+    uris = (_text(table.column("uri")) if "uri" in table.column_names
+            else np.full(n, None, dtype=object))
     bad.add(~_present(ids), "video_id", "missing video_id")
-    bad.add(~_present(uris), "uri", "missing uri")
+    if uri_optional:
+        uris[~_present(uris)] = ""
+    else:
+        bad.add(~_present(uris), "uri", "missing uri")
     dup = pd.Series(ids, dtype=object).duplicated(keep="first").to_numpy() & _present(ids)
     bad.add(dup, "video_id", "duplicate video_id")
     if "duration_s" in table.column_names:
@@ -370,6 +389,8 @@ def validate_interactions(
     mapping, unit = column_mapping(cfg)
     missing = [f"{ours} (source column {mapping.get(ours)!r})" for ours in REQUIRED
                if mapping.get(ours) not in table.column_names]
+    if cfg.truth_column and cfg.truth_column not in table.column_names:
+        missing.append(f"truth (source column {cfg.truth_column!r}, ingest.truth_column)")
     if missing:
         raise IngestError(f"{uri}: missing column(s) {', '.join(missing)} for preset "
                           f"{cfg.preset!r}; the file has {table.column_names}")
@@ -388,6 +409,7 @@ def validate_interactions(
     bad.add(dur == 0, dur_col, f"duration {dur_col} is zero")
     bad.add(np.isinf(dur), dur_col, f"duration {dur_col} is infinite")
     bad.add((dur < 0) & ~np.isinf(dur), dur_col, f"duration {dur_col} is negative")
+    truth = _truth(table, cfg.truth_column, bad) if cfg.truth_column else None
 
     ts_col = mapping.get("timestamp")
     has_time = bool(ts_col) and ts_col in table.column_names
@@ -416,8 +438,20 @@ def validate_interactions(
         "timestamp": timestamps[good],
         "source_row": np.flatnonzero(good).astype(np.int64) + 1,
     })
+    if truth is not None:
+        frame["p_full"] = truth[good]  # the truth table's column (run_ingest)
     return frame, bad.table("ingest", uri, lambda idx: [f"{u}/{v}" for u, v in
                                                          zip(user[idx], video[idx])])
+
+
+def _truth(table: pa.Table, name: str, bad: _BadRows) -> np.ndarray:
+    """The truth column as float64: p(full watch) of every row, finite and in [0, 1]."""
+    what = f"truth {name}"
+    p = _numbers(table.column(name), bad, name, what)  # reports missing / NaN / not a number
+    bad.add(np.isinf(p), name, f"{what} is infinite")
+    bad.add(np.isfinite(p) & ((p < 0) | (p > 1)), name,
+            lambda idx: [f"{what} is outside [0, 1]: {float(p[i])!r}" for i in idx])
+    return p
 
 
 def _duplicates(user: np.ndarray, video: np.ndarray, timestamps: np.ndarray,
@@ -477,7 +511,8 @@ def run_ingest(cfg: Config, store: Store, interactions: str | None = None,
     icfg.videos = videos = videos or icfg.videos
     if not interactions or not videos:
         raise IngestError("ingest needs both ingest.interactions and ingest.videos files")
-    video_table, video_errors = validate_videos(read_source(videos), str(videos))
+    video_table, video_errors = validate_videos(read_source(videos), str(videos),
+                                                uri_optional=bool(cfg.extract.import_path))
     source = read_source(interactions)
     known = video_table.column("video_id").to_numpy(zero_copy_only=False).astype(str)
     frame, row_errors = validate_interactions(source, icfg, known, str(interactions))
@@ -498,6 +533,10 @@ def run_ingest(cfg: Config, store: Store, interactions: str | None = None,
                     "interactions")
     store.table("videos").write(video_table, {"source": str(videos)}, config=cfg)
     store.table("ingest_errors").write(errors, {"policy": icfg.bad_rows}, config=cfg)
+    if icfg.truth_column:  # keyed like the interactions, so evaluate joins it to the test rows
+        truth = conform(pa.Table.from_pandas(frame, preserve_index=False), TRUTH, "truth")
+        store.table("truth").write(truth, {"source": str(interactions),
+                                           "column": icfg.truth_column}, config=cfg)
     summary = IngestSummary(
         rows=source.num_rows,
         ingested=len(frame),
@@ -518,6 +557,8 @@ def run_ingest(cfg: Config, store: Store, interactions: str | None = None,
 def ingest_fingerprint(cfg: Config) -> str:
     """Identity of an ingest: its source files (path, size, mtime) and the ingest config."""
     parts = [json.dumps(dataclasses.asdict(cfg.ingest), sort_keys=True, default=str)]
+    if cfg.extract.import_path:  # videos without a uri are accepted (validate_videos)
+        parts.append("uri optional")
     for path in (cfg.ingest.interactions, cfg.ingest.videos):
         stat = os.stat(path) if path and os.path.exists(path) else None
         parts.append(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}" if stat

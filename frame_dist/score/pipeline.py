@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import torch
 from feature_store.schemas import SCORES
 from feature_store.store import Part, Store, StoreError, open_filesystem
 from frame_dist.config import Config, ConfigError
+from frame_dist.console import Progress, console_error, quiet_ray_data
 from frame_dist.graph.clip_graph import GraphError, IdMap
 from frame_dist.graph.manifest import GraphManifest
 from frame_dist.graph.shards import read_graph_manifest
@@ -436,6 +436,7 @@ def run_scoring(cfg: Config, store: Store, *, inputs: ScoringInputs | None = Non
     clip_side = {"ref": ray.put({
         "clip_thresholds": t.clip_thresholds.numpy(), "out_weight": t.out_weight.numpy(),
         "out_bias": t.out_bias, "video_ids": inputs.video_ids})}
+    quiet_ray_data()
     ds = ray.data.from_arrow_refs(inputs.user_chunks)  # made by the shard tasks
     ds = ds.map_batches(
         ScoreChunks, batch_size=1, batch_format="pyarrow",
@@ -473,30 +474,35 @@ def _commit_as_they_arrive(ds: Any, store: Store, cfg: Config, inputs: ScoringIn
     pending: list[Part] = []
     pending_chunks: set[int] = set()
     commits, last_commit = 0, -math.inf
+    bar = Progress(inputs.n_chunks - len(done), "score", "chunk")
 
     def commit(final: bool = False) -> None:
         nonlocal pending, commits, last_commit, replace
+        new = len(pending_chunks)
         committed.update(pending_chunks)
         metadata = _table_metadata(inputs, len(committed),
                                    complete=final and len(committed) == inputs.n_chunks)
         table.commit(pending, metadata, replace=replace, config=None if commits else cfg)
         pending, replace, commits, last_commit = [], False, commits + 1, time.monotonic()
         pending_chunks.clear()
-        print(f"score: {len(committed)}/{inputs.n_chunks} chunks committed", flush=True)
+        if new:  # the final commit may only mark the table complete: no second line
+            bar.update(new)
+            bar.note(f"score: {len(committed)}/{inputs.n_chunks} chunks committed")
         if kill_after and commits >= kill_after and not final:
-            print(f"{FAULT_ENV}={kill_after}: killing the driver after commit {commits}",
-                  file=sys.stderr, flush=True)
+            console_error(f"{FAULT_ENV}={kill_after}: killing the driver after commit {commits}")
             os.kill(os.getpid(), signal.SIGKILL)
 
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in block.to_pylist():
-            if row["chunk"] in committed or row["chunk"] in pending_chunks:
-                continue  # a retried task's second part: stays an uncommitted orphan
-            pending.append(Part(row["part_path"], row["part_rows"], json.loads(row["part_meta"])))
-            pending_chunks.add(row["chunk"])
-        if pending and time.monotonic() - last_commit >= COMMIT_MIN_INTERVAL_S:
-            commit()
-    commit(final=True)
+    with bar:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in block.to_pylist():
+                if row["chunk"] in committed or row["chunk"] in pending_chunks:
+                    continue  # a retried task's second part: stays an uncommitted orphan
+                pending.append(Part(row["part_path"], row["part_rows"],
+                                    json.loads(row["part_meta"])))
+                pending_chunks.add(row["chunk"])
+            if pending and time.monotonic() - last_commit >= COMMIT_MIN_INTERVAL_S:
+                commit()
+        commit(final=True)
     if len(committed) != inputs.n_chunks:
         missing = sorted(set(range(inputs.n_chunks)) - committed)
         raise ScoreError(f"{len(missing)} chunk(s) were not scored, e.g. {missing[:5]}")

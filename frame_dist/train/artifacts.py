@@ -13,6 +13,10 @@ for the run too):
 * ``model.pt`` (:class:`SavedModel`): model arguments, best weights and the training config;
   loadable with ``torch.load(weights_only=True)``, so FRAME is rebuilt from this file alone.
 
+* ``model_card.md`` (:class:`ModelCard`): a Hugging Face style card beside model.pt (YAML
+  header: model, N_c, data fingerprint, metrics; the command that trains the run again),
+  written by the train stage and again by the evaluate stage with the oracle's metrics.
+
 Plus ``config.yaml`` (the config as YAML, for people) and the evaluate stage's
 ``evaluation.json`` and report (:func:`run_path` names them).
 """
@@ -23,11 +27,14 @@ import dataclasses
 import hashlib
 import io
 import math
+import numbers
 import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 from feature_store.store import Store, StoreError
@@ -241,3 +248,196 @@ class SavedModel:
         saved = safe_load(io.BytesIO(data), store.uri(path))
         return cls(saved["model_args"], saved["state_dict"], saved["config"],
                    sha256=hashlib.sha256(data).hexdigest())
+
+
+# --------------------------------------------------------------------------- model_card.md
+
+NOT_MEASURED = "not measured"
+COUNT_KEYS = ("n", "positives", "ranked_users")  # metric dicts' counts, not metrics
+TRAIN_FIELDS = ("epochs", "batch_size", "lr", "alpha", "beta", "l2", "grad_clip", "seed",
+                "workers", "zero_stage", "precision", "patience")  # shown beside the model's
+
+
+@dataclass
+class ModelCard:
+    """``model_card.md``: the model, the data it saw, how well it does, how to train it again.
+
+    Hugging Face style: a YAML header between ``---`` lines (:meth:`parse_header`) carrying
+    ``model_name``, ``run_name``, ``n_clips``, ``data_fingerprint`` (the graph's
+    ``GraphManifest.fingerprint``), ``run_fingerprint``, ``model_config``, ``metrics`` (``model``,
+    ``oracle``, ``baselines``: a {metric: value} mapping, or "not measured") and ``reproduce``
+    (a ``python -m jobs.pipeline`` line), then markdown for people. The train stage writes it
+    beside model.pt with metrics.json's test metrics; the evaluate stage writes it again with
+    evaluation.json's (the model's and, where the data has a truth, the oracle's).
+    """
+
+    run_name: str
+    config: dict[str, Any]  # Config.to_dict() of the training run
+    data_fingerprint: str  # of the graph trained on ("" when no graph is committed)
+    metrics: RunMetrics | None  # metrics.json, if written
+    evaluation: dict[str, Any] | None = None  # evaluation.json, once the evaluate stage ran
+    config_uri: str = ""  # the run's config.yaml as a user can paste it (Store.uri)
+
+    FILE = "model_card.md"
+
+    @classmethod
+    def for_run(cls, store: Store, run_name: str, config: dict[str, Any] | None = None,
+                evaluation: dict[str, Any] | None = None) -> ModelCard:
+        """The card of a run from its files: ``config`` (default: the run's config.yaml),
+        metrics.json, the committed graph of its N_c and ``evaluation`` (evaluation.json)."""
+        from frame_dist.graph.manifest import GraphManifest
+
+        if config is None:  # config.yaml, else (a run from before it existed) model.pt's
+            path = run_path(run_name, "config.yaml")
+            config = (yaml.safe_load(store.read_bytes(path)) if store.exists(path)
+                      else SavedModel.read(store, run_name).config)
+        manifest = GraphManifest.read(store, int(config["graph"]["n_clips"]))
+        return cls(run_name, config, manifest.fingerprint if manifest else "",
+                   RunMetrics.read(store, run_name), evaluation,
+                   store.uri(run_path(run_name, "config.yaml")))
+
+    def header(self) -> dict[str, Any]:
+        """The YAML header: what tools and people read without parsing the markdown."""
+        return _plain({
+            "model_name": "FRAME",
+            "library_name": "frame-dist",
+            "tags": ["recommendation", "micro-video", "frame", "sigir-2023"],
+            "run_name": self.run_name,
+            "n_clips": int(self.config["graph"]["n_clips"]),
+            "data_fingerprint": self.data_fingerprint or "unknown",
+            "run_fingerprint": self.metrics.fingerprint if self.metrics else "unknown",
+            "model_config": self.config["model"],
+            "metrics": {"source": self._source(), "model": self._model_metrics(),
+                        "oracle": (self.evaluation or {}).get("oracle", NOT_MEASURED),
+                        "baselines": NOT_MEASURED},
+            "reproduce": reproduce_command(self.config),
+        })
+
+    def _source(self) -> str:
+        if self.evaluation is not None:
+            return "evaluation.json (evaluate stage)"
+        if self._model_metrics() == NOT_MEASURED:
+            return NOT_MEASURED
+        return "metrics.json (train stage)"
+
+    def _model_metrics(self) -> dict[str, Any] | str:
+        if self.evaluation is not None:
+            return self.evaluation["model"]
+        return self.metrics.test if self.metrics and self.metrics.test else NOT_MEASURED
+
+    def render(self) -> str:
+        head = self.header()
+        cfg, metrics = self.config, head["metrics"]
+        oracle_why = ("the evaluate stage has not run yet" if self.evaluation is None else
+                      "the data has no truth: set ingest.truth_column where it carries one")
+        config_file = shlex.quote(self.config_uri or f"<store>/runs/{self.run_name}/config.yaml")
+        lines = [
+            "---", yaml.safe_dump(head, sort_keys=False).rstrip(), "---", "",
+            f"# FRAME: run `{self.run_name}`", "",
+            "FRAME (SIGIR 2023) recommends micro-videos from clip-level user interest: each "
+            f"video is cut into N_c = {head['n_clips']} clips, and users and clips are linked "
+            "in a positive graph (clips watched to the end) and a negative graph (the clip "
+            "where the user skipped). Trained with frame-dist (Ray Train + DeepSpeed).", "",
+            "## Data", "",
+            f"- data fingerprint (the graph trained on): `{head['data_fingerprint']}`",
+            f"- N_c: {head['n_clips']} clips per video; positives: "
+            f"`{cfg['graph']['positives']}`; {cfg['graph']['n_shards']} graph shard(s)",
+            f"- interactions: {_source_of(cfg)}",
+            f"- run fingerprint (graph + model and train settings): "
+            f"`{head['run_fingerprint']}`", "",
+            "## Model configuration", "",
+            "| field | value |", "|---|---|",
+            *[f"| model.{k} | {v} |" for k, v in cfg["model"].items()],
+            *[f"| train.{k} | {cfg['train'][k]} |" for k in TRAIN_FIELDS if k in cfg["train"]],
+            "",
+            "## Metrics", "",
+            f"Test split; source: {metrics['source']}. The oracle scores the true full-watch "
+            "probabilities (the ceiling on this data); baselines are not part of a run "
+            "(benchmarks/quality.py measures one).", "",
+            *_metrics_table(metrics, oracle_why), "",
+            "## Reproduce", "",
+            "```bash", head["reproduce"], "```", "",
+            "or with the run's resolved config (copy it first when the store is on S3):", "",
+            "```bash", f"python -m jobs.pipeline --config {config_file}", "```", "",
+            "## Use", "",
+            "```python",
+            "from feature_store.store import Store",
+            "from frame_dist.train.artifacts import SavedModel",
+            f"model = SavedModel.read(Store({cfg['store']['root']!r}), {self.run_name!r})"
+            ".build()",
+            "```", "",
+        ]
+        return "\n".join(lines)
+
+    def write(self, store: Store) -> None:
+        store.write_text(run_path(self.run_name, self.FILE), self.render())
+
+    @staticmethod
+    def parse_header(text: str) -> dict[str, Any]:
+        """The YAML header of a card's text (``yaml.safe_load``)."""
+        first, sep, rest = text.partition("\n")
+        end = rest.find("\n---\n")
+        if first != "---" or not sep or end < 0:
+            raise StoreError("model card: no YAML header between '---' lines")
+        return yaml.safe_load(rest[:end])
+
+    @classmethod
+    def read_header(cls, store: Store, run_name: str) -> dict[str, Any] | None:
+        path = run_path(run_name, cls.FILE)
+        return cls.parse_header(store.read_bytes(path).decode()) if store.exists(path) else None
+
+
+def reproduce_command(config: dict[str, Any]) -> str:
+    """``python -m jobs.pipeline`` with an override for every setting that differs from the
+    defaults: loading those overrides gives ``config`` back."""
+    from frame_dist.config import load_config
+
+    defaults = load_config(None, []).to_dict()
+    args = [shlex.quote(f"{section}.{name}={_yaml_scalar(value)}")
+            for section, fields in config.items() for name, value in fields.items()
+            if value != defaults.get(section, {}).get(name)]
+    return " ".join(["python -m jobs.pipeline", *args])
+
+
+def _yaml_scalar(value: Any) -> str:
+    """``value`` as one line of YAML, as ``key=value`` overrides parse it."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf)
+    return text.removesuffix("\n...\n").strip()
+
+
+def _source_of(cfg: dict[str, Any]) -> str:
+    ingest = cfg["ingest"]
+    if not ingest["interactions"]:
+        return f"the synthetic world (preset {cfg['world']['preset']}, seed {cfg['world']['seed']})"
+    truth = f", truth column `{ingest['truth_column']}`" if ingest.get("truth_column") else ""
+    return f"`{ingest['interactions']}` (preset `{ingest['preset']}`{truth})"
+
+
+def _metrics_table(metrics: dict[str, Any], oracle_why: str) -> list[str]:
+    measured = [m for m in (metrics["model"], metrics["oracle"]) if isinstance(m, dict)]
+    names = [k for k in (measured[0] if measured else {}) if k not in COUNT_KEYS]
+    if not names:
+        return [f"model: {NOT_MEASURED}; oracle: {NOT_MEASURED} ({oracle_why}); baselines: "
+                f"{NOT_MEASURED}."]
+    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for who, why in (("model", ""), ("oracle", f" ({oracle_why})"), ("baselines", "")):
+        row = metrics[who]
+        cells = ([f"{row[k]:.4f}" if k in row else "-" for k in names] if isinstance(row, dict)
+                 else [NOT_MEASURED + why] + [""] * (len(names) - 1))
+        lines.append(f"| {who} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plain(value: Any) -> Any:
+    """Python builtins only (numpy scalars, tuples -> float, int, list), for yaml.safe_dump."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value

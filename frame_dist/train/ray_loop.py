@@ -14,8 +14,9 @@ The Ray and DeepSpeed touchpoints all live here:
   final test pass) with its hooks: its share of every global batch, the engine's step, the
   evaluation of every worker's pairs gathered, and a checkpoint (DeepSpeed state + the loop's
   state + best weights, ``frame_dist.train.artifacts.Checkpoint``) reported to Ray Train every
-  epoch and every ``checkpoint_every_steps`` steps. Rank 0 writes ``model.pt`` and
-  ``metrics.json`` (``artifacts.SavedModel``, ``artifacts.RunMetrics``).
+  epoch and every ``checkpoint_every_steps`` steps. Rank 0 writes ``model.pt``,
+  ``metrics.json`` and ``model_card.md`` (``artifacts.SavedModel``, ``artifacts.RunMetrics``,
+  ``artifacts.ModelCard``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.distributed as dist
 
 from feature_store.store import Store
 from frame_dist.config import Config, ConfigError, EvaluateConfig, from_dict
+from frame_dist.console import Progress, drain_worker_output, worker_line
 from frame_dist.graph.manifest import GraphManifest
 from frame_dist.graph.shards import (
     check_graph,
@@ -46,6 +48,7 @@ from frame_dist.train.artifacts import (
     RUNS,
     STATE_TAG,
     Checkpoint,
+    ModelCard,
     RunClaim,
     RunMetrics,
     SavedModel,
@@ -255,16 +258,18 @@ def gather_pairs(pairs: Pairs) -> Pairs:
 
 def write_outputs(cfg: Config, store: Store, model: FRAME, state: TrainState,
                   test: dict[str, float]) -> None:
-    """model.pt (arguments + best weights + config), metrics.json and config.yaml of the run."""
+    """model.pt (arguments + best weights + config), metrics.json, config.yaml and
+    model_card.md of the run."""
     name = cfg.train.run_name
     SavedModel.from_model(model, cfg.to_dict()).write(store, name)
     RunMetrics.from_state(state, test, cfg.graph.n_clips, cfg.train.workers).write(store, name)
     store.write_bytes_atomic(run_path(name, "config.yaml"), cfg.to_yaml().encode())
+    ModelCard.for_run(store, name, cfg.to_dict()).write(store)  # the evaluate stage redoes it
 
 
 def _log(rank: int, message: str) -> None:
-    if rank == 0:
-        print(f"[train] {message}", flush=True)
+    if rank == 0:  # one line per event, from rank 0, for the job's console
+        worker_line(f"train: {message}")
 
 
 # --------------------------------------------------------------------------- driver side
@@ -306,7 +311,10 @@ def run_training(cfg: Config, store: Store, run: TrainableRun | None = None) -> 
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
-    trainer.fit()
+    # the workers' epoch lines reach the console through the driver (console.route_worker_logs)
+    with Progress(cfg.train.epochs, "train", "epoch", advance_on="train: epoch "):
+        trainer.fit()
+        drain_worker_output()
     metrics = RunMetrics.read(store, cfg.train.run_name)
     if metrics is None:
         raise RuntimeError(f"run {cfg.train.run_name}: Ray Train finished without writing "
