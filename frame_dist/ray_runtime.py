@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 import uuid
 
@@ -71,6 +72,9 @@ def init_ray(num_cpus: int | None = None) -> None:
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     route_worker_logs()
     record_local_instance()
+    # the raylet starts its agents a moment later, and their renamed command lines and
+    # environments no longer say which instance they belong to: record them as they appear
+    threading.Thread(target=_keep_recording, daemon=True, name="ray-record").start()
 
 
 # --------------------------------------------------------------------------- leftovers
@@ -108,6 +112,15 @@ def record_local_instance() -> str:
     return path
 
 
+def _keep_recording() -> None:
+    for delay in (0.5, 1, 2, 4, 8, 16, 30):
+        time.sleep(delay)
+        try:
+            record_local_instance()
+        except Exception:  # noqa: BLE001 - Ray shut down meanwhile: nothing more to record
+            return
+
+
 def reap_leftovers(grace_s: float = 3.0) -> list[int]:
     """End the processes recorded by local drivers of this machine that are gone (killed).
 
@@ -132,6 +145,8 @@ def reap_leftovers(grace_s: float = 3.0) -> list[int]:
         if driver_alive:
             continue
         victims = [p["pid"] for p in record["processes"] if _same_process(p["pid"], p["started"])]
+        victims += [child.pid for pid in list(victims) for child in _descendants(pid)
+                    if child.pid not in victims]
         victims += [pid for pid in _session_processes(record.get("session"), record.get("marker"))
                     if pid not in victims]
         for pid in victims:
@@ -146,7 +161,8 @@ def reap_leftovers(grace_s: float = 3.0) -> list[int]:
             except psutil.TimeoutExpired:
                 try:
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    psutil.Process(pid).wait(timeout=grace_s)  # gone, or a zombie of init
+                except (ProcessLookupError, psutil.NoSuchProcess, psutil.TimeoutExpired):
                     pass
             except psutil.NoSuchProcess:
                 pass
@@ -178,6 +194,15 @@ def _session_processes(session: str | None, marker: str | None = None) -> list[i
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return [pid for pid in out if pid != os.getpid()]
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _same_process(pid: int, started: float) -> bool:

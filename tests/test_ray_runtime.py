@@ -55,6 +55,7 @@ def test_a_killed_drivers_ray_processes_are_ended_by_the_next_start(tmp_path, mo
     driver = _start_driver(tmp_path)
     record = tmp_path / "rec" / f"{driver.pid}.json"
     assert record.exists()
+    time.sleep(4)  # the driver re-records the agents the raylet starts after ray.init
     children = driver_children = psutil.Process(driver.pid).children(recursive=True)
     recorded = json.loads(record.read_text())
     session, marker = recorded["session"], recorded["marker"]
