@@ -74,11 +74,12 @@ def failure_log(stage: str, cfg: Config | None, output: str | None = None) -> st
     ``output``: the stage's output log, named in the file.
     """
     import socket
-    import tempfile
     import time
     import traceback
 
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}.log"
+    from frame_dist.console import stage_log
+
+    rel, path = stage_log(stage, ".log")
     text = (f"stage {stage} failed at {time.strftime('%Y-%m-%d %H:%M:%S %z')} on "
             f"{socket.gethostname()} (pid {os.getpid()})\ncommand: {' '.join(sys.argv)}\n"
             + (f"output of the stage's libraries and workers: {output}\n" if output else "")
@@ -89,11 +90,10 @@ def failure_log(stage: str, cfg: Config | None, output: str | None = None) -> st
             from feature_store.store import Store
 
             store = Store.from_config(cfg.store)
-            store.write_text(f"logs/{stage}/{name}", text)
-            return store.uri("logs", stage, name)
+            store.write_text(rel, text)
+            return store.uri(rel)
         except Exception as exc:  # noqa: BLE001 - fall back to a local file, say why
             problem = f" (the store could not take it: {type(exc).__name__})"
-    path = os.path.join(tempfile.gettempdir(), "frame-dist-logs", stage, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)

@@ -80,14 +80,20 @@ def stage_output(stage: str, store: Any | None) -> Iterator[str | None]:
         _keep_stage_log(store, local, rel)
 
 
+def stage_log(stage: str, suffix: str) -> tuple[str, str]:
+    """A new log file of ``stage``: (its path in the store, ``logs/<stage>/<time>-<host>-
+    <pid><suffix>``, and its fallback in this machine's temporary directory)."""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}{suffix}"
+    return (f"logs/{stage}/{name}",
+            os.path.join(tempfile.gettempdir(), "frame-dist-logs", stage, name))
+
+
 def _open_stage_log(stage: str, store: Any | None) -> tuple[Any, str, str | None] | None:
     if store is None:
         return None
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}{OUTPUT_SUFFIX}"
-    rel = f"logs/{stage}/{name}"
+    rel, temp = stage_log(stage, OUTPUT_SUFFIX)
     remote = store.root.startswith("s3://")
-    local = (os.path.join(tempfile.gettempdir(), "frame-dist-logs", stage, name) if remote
-             else store.path(rel))
+    local = temp if remote else store.path(rel)
     try:
         os.makedirs(os.path.dirname(local), exist_ok=True)
         f = open(local, "ab", buffering=0)  # noqa: SIM115 - closed by stage_output
