@@ -49,8 +49,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from feature_store.store import Store  # noqa: E402
-from frame_dist.config import load_config  # noqa: E402
-from frame_dist.model.frame import FRAME  # noqa: E402
+from frame_dist.config import ModelConfig, load_config  # noqa: E402
+from frame_dist.model.frame import AGGREGATIONS, FRAME  # noqa: E402
 from frame_dist.score.kernel import FusedScorer, fuse_tables  # noqa: E402
 from frame_dist.score.pipeline import ScoringInputs, chunk_tables, run_scoring  # noqa: E402
 
@@ -72,7 +72,7 @@ def matmul_gflops(n: int, repeat: int) -> float:
 
 def synthesise(args: argparse.Namespace):
     torch.manual_seed(args.seed)
-    model = FRAME(2048, dim=args.dim, hidden=args.hidden).eval()
+    model = FRAME(2048, dim=args.dim, hidden=args.hidden, aggregation=args.aggregation).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--aggregation", default=ModelConfig().aggregation, choices=AGGREGATIONS,
+                   help="the model's video score from its clip scores (default: the config's)")
     p.add_argument("--seen", type=int, default=40, help="training videos per user (excluded)")
     p.add_argument("--threads", type=int, default=1, help="torch threads / Ray CPUs")
     p.add_argument("--users-per-chunk", type=int, default=500)
@@ -118,6 +120,7 @@ def main() -> None:
     flops_per_pair = 8 * n_c * h
     print(f"shapes: {args.users} users x {args.videos} videos = {pairs:,} pairs, N_c={n_c}, "
           f"d={args.dim}, H={h}, top-{args.top_k}, {args.seen} seen videos per user excluded; "
+          f"aggregation {args.aggregation}; "
           f"{args.threads} thread(s); embeddings synthesised (no medium store)")
     print(f"FLOP model: 8 N_c H = {flops_per_pair:,} FLOPs per (user, video) pair")
 
@@ -162,7 +165,7 @@ def main() -> None:
         def fused(kernel: str) -> tuple[float, float, float]:
             t0 = time.perf_counter()
             scorer = FusedScorer(tables.clip_thresholds, tables.out_weight, tables.out_bias,
-                                 kernel=kernel)
+                                 aggregation=tables.aggregation, kernel=kernel)
             scorer.scores(tables.user_table[:64])  # compiles, for "compiled"
             setup = time.perf_counter() - t0
             if scorer.kernel != kernel:

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +34,11 @@ LEASE_TTL_S = float(os.environ.get("FRAME_DIST_LEASE_TTL_S", "60"))
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 HOLD_ENV = "FRAME_DIST_FAULT_HOLD_LEASE_S"  # tests: sleep this long right after acquiring
 KEEP_GENERATIONS = 4
+
+
+class LeaseWarning(RuntimeWarning):
+    """The lease could not be renewed (the store did not answer): for the person at the console
+    (frame-dist's console shows it on its stderr, not in the stage's log)."""
 
 
 class LeaseHeldError(StoreError):
@@ -165,7 +171,8 @@ class StageLease:
             try:
                 self._renew()
             except Exception as exc:  # noqa: BLE001 - an unreachable store: keep trying
-                print(f"lease {self.key}: heartbeat failed ({exc}); retrying", file=sys.stderr)
+                warnings.warn(f"lease {self.key}: heartbeat failed ({exc}); retrying",
+                              LeaseWarning, stacklevel=1)
             if self.lost:
                 return
 

@@ -62,6 +62,8 @@ SCORES = pa.schema([
     pa.field("rank", pa.int32(), nullable=False),  # 1 = best
     pa.field("video_id", pa.string(), nullable=False),
     pa.field("score", pa.float32(), nullable=False),  # logit of a full watch, y(u, v)
+    # P(full watch) = sigmoid(a y + b), the run's calibration (model.pt)
+    pa.field("probability", pa.float32(), nullable=False),
 ])
 
 # Synthetic world only: the true probability of a full watch of every interaction.

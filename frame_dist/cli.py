@@ -16,14 +16,24 @@ EXIT_FAILED = 1  # the stage ran and failed (bad data, crashed workers, ...)
 EXIT_CONFIG = 2  # the configuration or the command line is invalid; nothing was run
 
 
-def parse_config(description: str, argv: Sequence[str] | None = None) -> Config:
-    """Parse ``--config FILE key=value ...``; print the error and exit 2 on a bad config."""
+def parse_config(description: str, argv: Sequence[str] | None = None,
+                 tracked: bool = False) -> Config:
+    """Parse ``--config FILE key=value ...``; print the error and exit 2 on a bad config.
+
+    ``tracked``: the job logs to MLflow when tracking is on (``frame_dist.tracking``); tracking
+    asked for without the ``mlflow`` extra is a bad config too.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (defaults apply to missing fields)")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. graph.n_clips=8")
     args = parser.parse_args(argv)
     try:
-        return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
+        if tracked:
+            from frame_dist.tracking import require_mlflow
+
+            require_mlflow(cfg)
+        return cfg
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from exc

@@ -52,6 +52,8 @@ class WorldConfig:
     base_hazard: float = 0.04  # skip rate per second while a liked scene plays (noise)
     dislike_hazard: float = 1.4  # extra skip rate per second while a disliked scene plays
     taste_sharpness: float = 3.0  # how strongly a user's taste separates topics
+    dislike_fraction: float = 0.25  # probability that a user dislikes a given topic
+    impatience_sigma: float = 0.5  # log-normal spread of the users' background skip-rate factor
 
 
 @dataclass
@@ -104,12 +106,17 @@ class ExtractConfig:
 @dataclass
 class GraphConfig:
     n_clips: int = 4  # N_c: equal-duration clips per video
-    positives: Literal["full_watch", "watched_clips"] = "full_watch"  # paper eq. 2 / variant
+    # R^p: every clip of fully watched videos (paper eq. 2) or every fully played clip of any
+    # view (frame-dist's default, model.preset)
+    positives: Literal["full_watch", "watched_clips"] = "watched_clips"
     n_shards: int = 1  # user partitions (one per training worker or more)
 
 
 @dataclass
 class ModelConfig:
+    # named configuration (MODEL_PRESETS): "frame-dist" (the defaults, docs/model.md section 9)
+    # or "paper" (every equation as printed); keys set explicitly win over the preset
+    preset: Literal["frame-dist", "paper"] = "frame-dist"
     dim: int = 128  # d: embedding size
     hidden: int = 256  # hidden width of MLP^p and MLP^n
     a_pos: float = 1.0  # a_p: weight of the positive clip score (eq. 12)
@@ -120,6 +127,9 @@ class ModelConfig:
     # learn the (C, F) clip feature table, initialised from the extracted features; every
     # worker holds the whole table, ZeRO stages 1/2 partition its Adam state (and 2 its grads)
     trainable_clip_features: bool = False
+    # a video's score from its clip scores: "mean" (eq. 13) or "survival" (P(full watch) =
+    # product of the clips' sigmoid(y): no clip skipped; docs/model.md)
+    aggregation: Literal["mean", "survival"] = "survival"
 
 
 Precision = Literal["auto", "fp32", "bf16"]  # train.precision
@@ -144,6 +154,7 @@ class TrainConfig:
     alpha: float = 1.0  # weight of the point-wise loss (eq. 16)
     beta: float = 1.0  # weight of the pair-wise loss (eq. 16)
     l2: float = 1e-5  # lambda: L2 factor (eq. 16)
+    position_weights: bool = False  # eq. 14's eps_j = j / N_c on watched clips (False: 1)
     grad_clip: float = 1.0  # gradient norm clipping (0: off)
     seed: int = 0
     workers: int = 1  # W: Ray Train workers
@@ -197,6 +208,17 @@ class PlanConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # MLflow tracking server or store URI (http://host:5000, sqlite:///mlflow.db, databricks);
+    # empty: MLFLOW_TRACKING_URI from the environment; both empty: no tracking. Needs the extra
+    # `pip install frame-dist[mlflow]`. Credentials go in MLflow's env vars, not here: the
+    # resolved config is written beside every output
+    mlflow_uri: str = ""
+    experiment: str = "frame-dist"  # MLflow experiment (created when missing)
+    run_name: str = ""  # MLflow run name (empty: train.run_name)
+
+
+@dataclass
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -209,6 +231,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> Config:
         """Check every field and the cross-stage constraints; return self."""
@@ -230,6 +253,16 @@ class Config:
 WORLD_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(n_users=60, n_videos=40, interactions_per_user=24),
     "medium": dict(n_users=3000, n_videos=400, interactions_per_user=40),
+}
+
+
+# The two named model configurations: the settings each preset fixes (docs/model.md section 9
+# has the ablation behind every frame-dist departure from the paper)
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "frame-dist": {"model.aggregation": "survival", "train.position_weights": False,
+                   "graph.positives": "watched_clips"},
+    "paper": {"model.aggregation": "mean", "train.position_weights": True,
+              "graph.positives": "full_watch"},
 }
 
 
@@ -273,6 +306,9 @@ def _validate_ranges(cfg: Config) -> None:
                      "(H.264 with yuv420p)")
     _non_negative(e, "world.base_hazard", w.base_hazard)
     _non_negative(e, "world.dislike_hazard", w.dislike_hazard)
+    _non_negative(e, "world.impatience_sigma", w.impatience_sigma)
+    if not 0.0 <= w.dislike_fraction <= 1.0:
+        e.append(f"world.dislike_fraction={w.dislike_fraction!r} must lie in [0, 1]")
     i = cfg.ingest
     if not 0 <= i.test_fraction < 1:
         e.append(f"ingest.test_fraction={i.test_fraction} must be in [0, 1)")
@@ -356,6 +392,8 @@ def _validate_ranges(cfg: Config) -> None:
     _non_negative(e, "plan.gpu_memory_gb", cfg.plan.gpu_memory_gb)
     if not 0 < cfg.plan.shard_fraction <= 1:
         e.append(f"plan.shard_fraction={cfg.plan.shard_fraction} must be in (0, 1]")
+    if not cfg.tracking.experiment.strip():
+        e.append("tracking.experiment must name an MLflow experiment (default: frame-dist)")
     if not cfg.store.root:
         e.append("store.root must be set (a local path or s3://bucket/prefix)")
     elif "://" in cfg.store.root and not cfg.store.root.startswith(("s3://", "file://")):
@@ -388,6 +426,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         explicit.add(key)
     cfg = from_dict(data)
     _apply_world_preset(cfg, explicit)
+    _apply_model_preset(cfg, explicit)
     return cfg.validate()
 
 
@@ -438,6 +477,17 @@ def _apply_world_preset(cfg: Config, explicit: set[str]) -> None:
     for name, value in preset.items():
         if f"world.{name}" not in explicit:
             setattr(cfg.world, name, value)
+
+
+def _apply_model_preset(cfg: Config, explicit: set[str]) -> None:
+    preset = MODEL_PRESETS.get(cfg.model.preset)
+    if preset is None:
+        raise ConfigError(f"model.preset={cfg.model.preset!r} must be one of "
+                          f"{sorted(MODEL_PRESETS)}")
+    for key, value in preset.items():
+        if key not in explicit:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -12,6 +12,10 @@ stage's log file in the store (``logs/<stage>/<time>-<host>-<pid>-output.log``),
   other line goes to stderr, so into the current stage's log file.
 * :class:`Progress`: a tqdm bar on stdout when stdout is a terminal; otherwise nothing but the
   plain lines (:meth:`Progress.note`), so a redirected console stays a list of events.
+* frame-dist's own warnings (:class:`FrameDistWarning`, the store's ``LeaseWarning``) are one
+  line each on the console's stderr (:func:`warnings_to_console` while a stage runs;
+  :func:`route_worker_warnings` in a Ray worker, once however many workers warn); every other
+  warning goes where the stage's stderr goes.
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 # Prefix of a worker's line meant for the job's console (see worker_line); stripped on the way.
 WORKER_MARK = "[frame-dist] "
+WARNING_MARK = "[frame-dist warning] "  # a worker's own warning, for the console's stderr
 OUTPUT_SUFFIX = "-output.log"
+
+
+class FrameDistWarning(RuntimeWarning):
+    """A warning of frame-dist's own, for the person at the console: one line on its stderr,
+    also while a stage's stderr goes to its log file and from a Ray worker."""
 
 
 def is_terminal() -> bool:
@@ -60,7 +71,8 @@ def stage_output(stage: str, store: Any | None) -> Iterator[str | None]:
     """
     target = _open_stage_log(stage, store)
     if target is None:
-        yield None
+        with warnings_to_console():
+            yield None
         return
     f, local, rel = target
     try:
@@ -69,7 +81,8 @@ def stage_output(stage: str, store: Any | None) -> Iterator[str | None]:
         os.dup2(f.fileno(), 2)
         _console_fds.append(saved)
         try:
-            yield store.uri(rel) if rel else local
+            with warnings_to_console():
+                yield store.uri(rel) if rel else local
         finally:
             _flush_std()
             _console_fds.remove(saved)
@@ -122,6 +135,63 @@ def _flush_std() -> None:
             stream.flush()
 
 
+# --------------------------------------------------------------------------- our warnings
+
+
+def own_warning(message: Warning | str, category: type[Warning]) -> str | None:
+    """The console line of one of frame-dist's own warnings (None: a library's)."""
+    from feature_store.lease import LeaseWarning
+
+    if not issubclass(category, (FrameDistWarning, LeaseWarning)):
+        return None
+    return "warning: " + " ".join(str(message).split())
+
+
+@contextlib.contextmanager
+def warnings_to_console() -> Iterator[None]:
+    """Meanwhile our warnings are one line on the console's stderr (:func:`console_error`);
+    the others go to ``warnings.showwarning`` as before (the stage's log)."""
+    previous = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = own_warning(message, category)
+        if text is None:
+            previous(message, category, filename, lineno, file, line)
+        else:
+            console_error(text)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = previous
+
+
+_worker_warnings = [False]  # route_worker_warnings installed in this process
+
+
+def route_worker_warnings() -> None:
+    """In a Ray worker: our warnings as marked lines, which the driver's :func:`_route` puts
+    on the console's stderr, once however many workers send the same line."""
+    if _worker_warnings[0]:
+        return
+    _worker_warnings[0] = True
+    previous = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = own_warning(message, category)
+        if text is None:
+            previous(message, category, filename, lineno, file, line)
+        else:
+            sys.stdout.write(f"{WARNING_MARK}{text}\n")
+            sys.stdout.flush()
+
+    warnings.showwarning = show
+
+
 # --------------------------------------------------------------------------- Ray workers' output
 
 
@@ -136,6 +206,7 @@ def worker_line(text: str) -> None:
 
 
 _last_worker_output = [0.0]  # monotonic time of the last batch of worker lines
+_warned: set[str] = set()  # workers' warning lines already on the console
 
 
 def route_worker_logs() -> bool:
@@ -164,7 +235,10 @@ def _route(data: dict[str, Any]) -> None:
     for line in lines:
         if line.startswith(WORKER_MARK):
             console_line(line[len(WORKER_MARK):])
-    rest = [line for line in lines if not line.startswith(WORKER_MARK)]
+        elif line.startswith(WARNING_MARK) and line not in _warned:
+            _warned.add(line)  # every worker warns alike: the console gets it once
+            console_error(line[len(WARNING_MARK):])
+    rest = [line for line in lines if not line.startswith((WORKER_MARK, WARNING_MARK))]
     if rest:  # with Ray's prefix, to stderr: the current stage's log file
         ray_worker.print_to_stdstream({**data, "lines": rest, "is_err": True},
                                       ignore_prefix=False)

@@ -31,7 +31,7 @@ def stages(cfg: Config) -> list[tuple[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(__doc__.splitlines()[0], argv)
+    cfg = parse_config(__doc__.splitlines()[0], argv, tracked=True)
     start = time.perf_counter()
     for name, fn in stages(cfg):
         t0 = time.perf_counter()

@@ -58,7 +58,7 @@ def sweep(cfg: Config) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(__doc__.splitlines()[0], argv)
+    cfg = parse_config(__doc__.splitlines()[0], argv, tracked=True)
     return run_stage("sweep", lambda: sweep(cfg), cfg)
 
 

@@ -8,7 +8,9 @@ exceeds
 ``plan.worker_memory_gb`` (or the cluster's / this machine's memory per worker) it exits 1 with
 the numbers, before any worker starts. Runs in ``<store>/runs/<train.run_name>``; submitting
 again with the same run name resumes from the latest checkpoint (a finished run only
-re-evaluates). Writes model.pt and metrics.json there.
+re-evaluates). Writes model.pt and metrics.json there. With tracking on (``tracking.mlflow_uri``
+or ``MLFLOW_TRACKING_URI``; docs/tracking.md) the run is also an MLflow run: the config as
+params, every epoch's loss and validation metrics, the test metrics, the model card.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from feature_store.store import Store
 from frame_dist.cli import parse_config, run_stage
 from frame_dist.config import Config
 from frame_dist.ray_runtime import init_ray
+from frame_dist.tracking import require_mlflow
 from frame_dist.train.plan import plan_run
 from frame_dist.train.ray_loop import check_trainable, finished_run, run_training
 
 
 def train(cfg: Config) -> dict:
+    require_mlflow(cfg)  # tracking asked without the extra: refused before anything runs
     store = Store.from_config(cfg.store)
     # the graph checked and the run's fingerprint computed once, before any cluster time
     run = check_trainable(cfg, store)
@@ -48,7 +52,7 @@ def train(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(__doc__.splitlines()[0], argv)
+    cfg = parse_config(__doc__.splitlines()[0], argv, tracked=True)
     return run_stage("train", lambda: train(cfg), cfg)
 
 

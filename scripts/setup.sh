@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python >= 3.10; 3.11 preferred) and install frame-dist with its dev extras.
+# Create .venv (Python >= 3.10; 3.11 preferred) and install frame-dist with its dev and mlflow
+# extras.
 # Idempotent: reinstalls only when pyproject.toml changed since the last successful install.
 # Sourced by scripts/demo.sh and scripts/test.sh; leaves VENV_PY pointing at the venv's python.
 set -euo pipefail
@@ -29,7 +30,7 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   # pip as shipped with the interpreter; torch/torchvision are pinned in pyproject.toml.
   # (Some machines' pip config lists local package folders; pip's notes about absent ones are
   # filtered out. pipefail keeps pip's exit status.)
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev]" 2>&1 |
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev,mlflow]" 2>&1 |
     { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$WANT" > "$STAMP"
 fi

@@ -136,3 +136,17 @@ def test_a_job_exits_2_on_a_bad_name(capsys):
         train_job.main(["train.run_name=.."])
     assert exited.value.code == 2
     assert "train.run_name='..' must be a name" in capsys.readouterr().err
+
+
+def test_model_presets_set_their_keys_unless_given():
+    ours = load_config()
+    assert ours.model.preset == "frame-dist"
+    assert (ours.model.aggregation, ours.train.position_weights, ours.graph.positives) == (
+        "survival", False, "watched_clips")
+    paper = load_config(None, ["model.preset=paper"])
+    assert (paper.model.aggregation, paper.train.position_weights, paper.graph.positives) == (
+        "mean", True, "full_watch")
+    mixed = load_config(None, ["model.preset=paper", "graph.positives=watched_clips"])
+    assert (mixed.model.aggregation, mixed.graph.positives) == ("mean", "watched_clips")
+    with pytest.raises(ConfigError, match="model.preset='authors' must be one of"):
+        load_config(None, ["model.preset=authors"])

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,98 @@ def test_a_stage_sends_descriptor_2_to_its_output_log(tmp_path, capfd, fails):
     if fails:  # the traceback file names the output log
         (failure,) = set((tmp_path / "store" / "logs" / "probe").glob("*.log")) - {log}
         assert str(log) in failure.read_text()
+
+
+def _python_default(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python's own ``showwarning`` outside pytest (which records warnings instead): the
+    formatted warning on descriptor 2."""
+    import warnings
+
+    os.write(2, warnings.formatwarning(message, category, filename, lineno, line).encode())
+
+
+def test_our_warnings_reach_the_console_once_library_ones_the_log(tmp_path, capfd, monkeypatch):
+    """frame-dist's own warnings -- the bf16-on-this-CPU notice, a lease heartbeat that the
+    store refused -- are one line each on the console's stderr while the stage's stderr goes
+    to its log; a library's warning stays in the log."""
+    import warnings
+
+    from feature_store.lease import StageLease
+    from feature_store.store import Store
+    from frame_dist.cli import EXIT_OK, run_stage
+    from frame_dist.config import load_config
+    from frame_dist.train import trainer
+
+    cfg = load_config(None, [f"store.root={tmp_path}/store"])
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)  # this CPU: no bf16 units
+    # an earlier test of this process may have warned from the same place already
+    monkeypatch.setattr(trainer, "__warningregistry__", {}, raising=False)
+    monkeypatch.setattr(warnings, "showwarning", _python_default)  # not pytest's recorder
+
+    def stage() -> None:
+        for _ in range(3):  # warned once per place, as Python does
+            trainer.autocast_for("cpu", "bf16")
+        warnings.warn("a library's notice", UserWarning, stacklevel=1)
+        with StageLease(Store.from_config(cfg.store), "probe", ttl_s=0.3) as lease:
+            # the store refuses the heartbeat's write: the lease file's path is a folder now
+            path = lease._file(lease.record.generation)
+            os.remove(path)
+            os.mkdir(path)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and "heartbeat failed" not in _err_so_far():
+                time.sleep(0.05)
+            os.rmdir(path)  # the store answers again: the lease is released normally
+
+    def _err_so_far() -> str:
+        out, err = capfd.readouterr()
+        seen.append(err)
+        return "".join(seen)
+
+    seen: list[str] = []
+    assert run_stage("probe", stage, cfg) == EXIT_OK
+    err = _err_so_far()
+    lines = err.splitlines()
+    bf16 = [line for line in lines if "train.precision='bf16'" in line]
+    assert bf16 == ["warning: train.precision='bf16' on a CPU without bf16 instructions "
+                    "(AVX512-BF16 or AMX-BF16): it runs, but emulated and likely slower than "
+                    "train.precision='fp32'"]
+    heartbeat = [line for line in lines if "heartbeat failed" in line]
+    assert heartbeat and all(line.startswith("warning: lease probe: heartbeat failed (")
+                             and line.endswith("); retrying") for line in heartbeat), err
+    assert "library's notice" not in err
+    (log,) = (tmp_path / "store" / "logs" / "probe").glob("*-output.log")
+    text = log.read_text()
+    assert "UserWarning: a library's notice" in text
+    assert "bf16" not in text and "heartbeat" not in text
+
+
+def test_workers_warnings_reach_the_console_once(capfd, monkeypatch):
+    """In a Ray worker our warnings become marked lines (route_worker_warnings); the driver's
+    router puts each on the console's stderr once, however many workers send it, and the rest
+    of the workers' output goes on to the stage's log."""
+    import warnings
+
+    from frame_dist import console
+
+    monkeypatch.setattr(warnings, "showwarning", _python_default)  # not pytest's recorder
+    monkeypatch.setattr(console, "_worker_warnings", [False])
+    console.route_worker_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("probe: ours", console.FrameDistWarning, stacklevel=1)
+        warnings.warn("probe: a library's", UserWarning, stacklevel=1)
+    out, err = capfd.readouterr()
+    assert out == f"{console.WARNING_MARK}warning: probe: ours\n"
+    assert "probe: a library's" in err and "ours" not in err
+
+    routed: list[dict] = []
+    from ray._private import worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream",
+                        lambda data, ignore_prefix: routed.append(data))
+    monkeypatch.setattr(console, "_warned", set())
+    for pid in (11, 12):  # two workers, the same warning
+        console._route({"lines": [out.rstrip("\n"), "a worker's notice"], "pid": pid})
+    out, err = capfd.readouterr()
+    assert err == "warning: probe: ours\n" and out == ""
+    assert [d["lines"] for d in routed] == [["a worker's notice"]] * 2

@@ -53,7 +53,8 @@ def test_encoder_on_cuda_matches_cpu() -> None:
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.05
 
 
-def test_fused_scorer_on_cuda_matches_cpu() -> None:
+@pytest.mark.parametrize("aggregation", ["mean", "survival"])
+def test_fused_scorer_on_cuda_matches_cpu(aggregation) -> None:
     from frame_dist.score.kernel import FusedScorer
 
     g = torch.Generator().manual_seed(0)
@@ -61,8 +62,9 @@ def test_fused_scorer_on_cuda_matches_cpu() -> None:
     w = torch.randn(64, generator=g)
     z_u = torch.randn(257, 64, generator=g)  # a partial last tile
     seen = (torch.tensor([0, 0, 256]), torch.tensor([3, 299, 0]))
-    cpu = FusedScorer(t_c, w, 0.5, videos_per_block=128)
-    gpu = FusedScorer(t_c, w, 0.5, device="cuda", videos_per_block=128)
+    cpu = FusedScorer(t_c, w, 0.5, aggregation=aggregation, videos_per_block=128)
+    gpu = FusedScorer(t_c, w, 0.5, aggregation=aggregation, device="cuda",
+                      videos_per_block=128)
     torch.testing.assert_close(gpu.scores(z_u).cpu(), cpu.scores(z_u), atol=1e-3, rtol=1e-5)
     values_c, positions_c = cpu.top_k(z_u, 10, seen)
     values_g, positions_g = gpu.top_k(z_u, 10, seen)

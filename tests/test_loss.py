@@ -136,3 +136,20 @@ def test_loss_decreases_with_adam(task_setup) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.65 * losses[0]
+
+
+def test_unweighted_pointwise_loss_is_the_survival_likelihood() -> None:
+    """Without position weights, eq. 14's terms of a view are -log P(where it stopped) under
+    the survival aggregation: a full watch costs -log sigmoid(video logit) exactly."""
+    out, watched = _output()
+    loss, stats = HybridLoss(1.0, 0.0, 0.0, position_weights=False)(out, watched)
+    y = CLIP_SCORES
+    by_hand = (-(log_sig(y[0][0]) + log_sig(y[0][1]) + log_one_minus_sig(y[0][2]))
+               - sum(log_sig(s) for s in y[1]) - log_one_minus_sig(y[2][0]))
+    assert loss.item() == pytest.approx(by_hand / 3, rel=1e-6)
+    model = FRAME(n_clip_features=4, dim=4, hidden=4, aggregation="survival")
+    full_logit = model.video_logit(torch.tensor(y[1]))
+    full_only, _ = HybridLoss(1.0, 0.0, 0.0, position_weights=False)(
+        FrameOutput(torch.tensor([y[1]]), torch.zeros(1)), torch.tensor([4]))
+    assert full_only.item() == pytest.approx(
+        -torch.nn.functional.logsigmoid(full_logit).item(), rel=1e-5)

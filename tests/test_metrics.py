@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
+from frame_dist.model.calibration import Calibration
 from frame_dist.model.metrics import (
     MetricError,
     all_metrics,
@@ -89,10 +91,61 @@ def test_ranking_metrics_do_not_depend_on_row_order() -> None:
         assert out[key] == pytest.approx(value, rel=1e-9), key
 
 
-def test_ranking_ties_keep_input_order() -> None:
+def test_ranking_ties_share_their_ranks_whatever_the_input_order() -> None:
     users, scores = np.array([1, 1]), np.array([0.5, 0.5])
-    assert ranking_metrics(users, np.array([0, 1]), scores, ks=(1,))["recall@1"] == 0.0
-    assert ranking_metrics(users, np.array([1, 0]), scores, ks=(1,))["recall@1"] == 1.0
+    assert ranking_metrics(users, np.array([0, 1]), scores, ks=(1,))["recall@1"] == 0.5
+    assert ranking_metrics(users, np.array([1, 0]), scores, ks=(1,))["recall@1"] == 0.5
+
+
+# one user, 2 positives: a skip on top, then three videos tied at 0.5 holding one positive at
+# ranks 1-3 (each rank holds 1/3 of it), then the other positive at rank 4
+TIED_SCORES = np.array([0.9, 0.5, 0.5, 0.5, 0.1])
+TIED_LABELS = np.array([0, 1, 0, 0, 1])
+D = [1 / math.log2(i + 2) for i in range(5)]  # the discount of each 0-based rank
+TIED_EXPECTED = {
+    "recall@1": 0.0,
+    "recall@2": (1 / 3) / 2,
+    "recall@3": (2 / 3) / 2,
+    "recall@5": 1.0,
+    "ndcg@2": (D[1] / 3) / (D[0] + D[1]),
+    "ndcg@3": ((D[1] + D[2]) / 3) / (D[0] + D[1]),
+    "ndcg@5": ((D[1] + D[2] + D[3]) / 3 + D[4]) / (D[0] + D[1]),
+}
+
+
+def test_tied_ranking_hand_computed_and_the_mean_over_tie_orders() -> None:
+    users = np.zeros(5, np.int64)
+    out = ranking_metrics(users, TIED_LABELS, TIED_SCORES, ks=(1, 2, 3, 5))
+    for key, value in TIED_EXPECTED.items():
+        assert out[key] == pytest.approx(value, rel=1e-12), key
+    # tie-averaging = the mean of the untied metric over the 3! orders of the tied videos
+    for k in (1, 2, 3, 5):
+        orders = [np.r_[0, np.array(p) + 1, 4] for p in itertools.permutations(range(3))]
+        per_order = [_loop_reference(users, TIED_LABELS[o], TIED_SCORES[o], k) for o in orders]
+        recall, ndcg = np.mean(per_order, axis=0)
+        assert out[f"recall@{k}"] == pytest.approx(recall, rel=1e-12)
+        assert out[f"ndcg@{k}"] == pytest.approx(ndcg, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_metric_depends_on_the_input_order(seed: int) -> None:
+    """Many ties (scores rounded to one decimal): every permutation of the rows gives the same
+    metrics, the ranking ones and AUC exactly."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 25, 500)
+    labels = rng.integers(0, 2, 500)
+    logits = np.round(rng.normal(size=500) + labels, 1)
+    expected = all_metrics(users, labels, logits, (1, 3, 5), Calibration(0.7, -0.2))
+    for _ in range(5):
+        perm = rng.permutation(500)
+        out = all_metrics(users[perm], labels[perm], logits[perm], (1, 3, 5),
+                          Calibration(0.7, -0.2))
+        assert out.keys() == expected.keys()
+        for key, value in expected.items():
+            if key.startswith("logloss"):  # a mean summed in another order
+                assert out[key] == pytest.approx(value, rel=1e-12), key
+            else:
+                assert out[key] == value, key
 
 
 def _loop_reference(users, labels, scores, k):
@@ -139,7 +192,7 @@ def test_all_metrics_combines_and_uses_sigmoid() -> None:
     np.testing.assert_allclose(sigmoid(logits), SCORES, rtol=1e-12)
     out = all_metrics(USERS, LABELS, logits)
     assert out["auc"] == pytest.approx(roc_auc_score(LABELS, SCORES))
-    assert out["logloss"] == pytest.approx(log_loss(LABELS, SCORES))
+    assert out["logloss"] == out["logloss_raw"] == pytest.approx(log_loss(LABELS, SCORES))
     assert out["ndcg@5"] == pytest.approx(EXPECTED["ndcg@5"])
     assert (out["n"], out["positives"]) == (10, 4)
     assert math.isnan(all_metrics(np.array([0, 0]), np.array([1, 1]), np.zeros(2))["auc"])

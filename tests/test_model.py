@@ -41,10 +41,12 @@ def data():
     return dict(graph=g, pg=to_torch(g), x=x, users=users, videos=videos, watched=watched)
 
 
-def make_model(use_negative: bool, enhance: bool, use_visual: bool, seed: int = 0) -> FRAME:
+def make_model(use_negative: bool, enhance: bool, use_visual: bool, seed: int = 0,
+               aggregation: str = "mean") -> FRAME:
     torch.manual_seed(seed)
     model = FRAME(F, dim=D, hidden=H, a_pos=1.0, a_neg=0.3, use_negative=use_negative,
-                  enhance=enhance, use_visual=use_visual, n_clips_total=N * N_C)
+                  enhance=enhance, use_visual=use_visual, n_clips_total=N * N_C,
+                  aggregation=aggregation)
     with torch.no_grad():  # non-trivial biases and alphas so every term matters
         for p in model.parameters():
             if p.ndim == 1:
@@ -168,7 +170,8 @@ def test_model_args_rebuild_identical_model(data) -> None:
     torch.testing.assert_close(clone.score_pairs(*args), model.score_pairs(*args))
     assert model.model_args() == dict(n_clip_features=F, dim=D, hidden=H, a_pos=1.0, a_neg=0.3,
                                       use_negative=True, enhance=True, use_visual=True,
-                                      n_clips_total=N * N_C, trainable_clip_features=False)
+                                      n_clips_total=N * N_C, trainable_clip_features=False,
+                                      aggregation="mean")
 
 
 def test_trainable_clip_features_start_equal_and_learn(data) -> None:
@@ -257,28 +260,37 @@ def test_score_block_matches_pairs(data) -> None:
     assert block[0].argmax() not in top_videos[0]
 
 
+@pytest.mark.parametrize("aggregation", ["mean", "survival"])
 @pytest.mark.parametrize("use_negative", [True, False])
-def test_fused_verbs_reproduce_pair_scores(data, use_negative) -> None:
-    """sum_j w^T ReLU(Z_u - T_{v,j}) + beta from the model's fused tables = its pair scores."""
-    model = make_model(use_negative, True, True)
+def test_fused_verbs_reproduce_pair_scores(data, use_negative, aggregation) -> None:
+    """From the model's fused tables, mean: sum_j w^T ReLU(Z_u - T_{v,j}) + beta; survival:
+    video_logit of y_j = w^T ReLU(Z_u - T_{v,j}) + beta; either = its pair scores."""
+    model = make_model(use_negative, True, True, aggregation=aggregation)
     pg = data["pg"] if use_negative else to_torch(data["graph"], with_negative=False)
     users, videos = data["users"], data["videos"]
     some = torch.tensor([4, 0, 2])
     with torch.no_grad():
         h_c, h_u_pos, h_u_neg = model.embeddings(data["x"], pg)
         z_u = model.fused_user_table(h_u_pos, h_u_neg)  # (M, G)
-        t_c, w, beta = model.fused_clip_side(h_c, N_C)  # (N, N_c, G), (G,), float
-        t_some, w_some, beta_some = model.fused_clip_side(h_c, N_C, some)
+        t_c, w, beta, agg = model.fused_clip_side(h_c, N_C)  # (N, N_c, G), (G,), float, str
+        t_some, w_some, beta_some, _ = model.fused_clip_side(h_c, N_C, some)
         pairs = model.score_pairs(data["x"], pg, users, videos)  # (B,)
         full = model.video_scores(users, videos, h_c, h_u_pos, h_u_neg, N_C)  # (B,)
         block = model.score_block(h_u_pos, h_u_neg, h_c.view(N, N_C, D))  # (M, N)
     g = H * (2 if use_negative else 1)
     assert z_u.shape == (M, g) and t_c.shape == (N, N_C, g) and w.shape == (g,)
     assert isinstance(beta, float) and beta != 0.0  # the output biases are non-zero here
-    fused = (torch.relu(z_u[users, None] - t_c[videos]) @ w).sum(-1) + beta  # (B,)
+    assert agg == aggregation
+
+    def video(clip_terms: torch.Tensor) -> torch.Tensor:  # (..., N_c) w^T ReLU terms -> (...)
+        if agg == "mean":  # 1 / N_c is in w
+            return clip_terms.sum(-1) + beta
+        return model.video_logit(clip_terms + beta)  # w per clip: y_j, then P = prod sigmoid
+
+    fused = video(torch.relu(z_u[users, None] - t_c[videos]) @ w)  # (B,)
     torch.testing.assert_close(fused, pairs, atol=1e-5, rtol=0)
     torch.testing.assert_close(fused, full, atol=1e-5, rtol=0)
-    every = (torch.relu(z_u[:, None, None] - t_c[None]) @ w).sum(-1) + beta  # (M, N)
+    every = video(torch.relu(z_u[:, None, None] - t_c[None]) @ w)  # (M, N)
     torch.testing.assert_close(every, block, atol=1e-5, rtol=0)
     assert torch.equal(z_u[M - 1], torch.zeros(g))  # a user without edges: Z_u = 0
     torch.testing.assert_close(t_some, t_c[some], atol=1e-5, rtol=0)  # a subset of videos
@@ -432,3 +444,20 @@ def test_clip_labels_drive_watched_mean(data) -> None:
     mean_all = h_c.view(N, N_C, D)[2].mean(0)
     expected = model.clip_scores(h_u_pos[0], h_u_neg[0], mean_all)
     torch.testing.assert_close(out.watched_scores[0], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_survival_video_logit_by_hand() -> None:
+    """P(full) = prod_j sigmoid(y_j), returned as its logit; "mean" is eq. 13."""
+    y = torch.tensor([[2.0, -1.0, 0.5], [30.0, 30.0, 30.0]])
+    survival = FRAME(n_clip_features=4, dim=4, hidden=4, aggregation="survival")
+    p = torch.sigmoid(y.double()).prod(-1)
+    log_p = torch.nn.functional.logsigmoid(y.double()).sum(-1)  # 1 - p exact near p = 1
+    expected = log_p - torch.log(-torch.expm1(log_p))
+    assert expected[0].item() == pytest.approx(torch.log(p / (1 - p))[0].item(), rel=1e-9)
+    assert survival.video_logit(y).double() == pytest.approx(expected, rel=1e-5)
+    assert torch.isfinite(survival.video_logit(torch.full((2, 3), 200.0))).all()
+    mean = FRAME(n_clip_features=4, dim=4, hidden=4)
+    assert mean.aggregation == "mean"  # the class default is the paper's eq. 13
+    assert mean.video_logit(y).tolist() == pytest.approx(y.mean(-1).tolist())
+    with pytest.raises(ValueError, match="aggregation='max' must be one of"):
+        FRAME(n_clip_features=4, dim=4, aggregation="max")

@@ -38,8 +38,9 @@ GRID = 4
 ROWS = [("u0", "v0", 1.0, "train"), ("u0", "v1", 0.3, "train"), ("u1", "v0", 0.55, "train"),
         ("u1", "v1", 1.0, "train"), ("u2", "v0", 0.1, "train"), ("u2", "v1", 0.8, "valid"),
         ("u0", "v0", 0.9, "test"), ("u1", "v0", 0.25, "test"), ("u2", "v2", 1.0, "train")]
+# the paper's positive graph (eq. 2): the hand counts below are of its edges
 BASE = [f"extract.grid_size={GRID}", "graph.n_clips=4", "graph.n_shards=1", "model.dim=4",
-        "model.hidden=8", "train.batch_size=2", "train.workers=1"]
+        "model.hidden=8", "train.batch_size=2", "train.workers=1", "graph.positives=full_watch"]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from worlds import copy_store, train_and_save  # tests/ is on sys.path (pytest)
 
 from feature_store.store import Store
 from frame_dist.config import load_config
+from frame_dist.evaluate.evaluation import load_test_split
 from frame_dist.evaluate.report import (
     CASE_PLOT,
     CURVE_PLOT,
@@ -35,8 +36,11 @@ from frame_dist.evaluate.report import (
 from frame_dist.graph.clip_graph import clip_labels
 from frame_dist.graph.manifest import GraphManifest
 from frame_dist.ingest.interactions import run_ingest
+from frame_dist.model.calibration import Calibration
 from frame_dist.model.frame import FRAME
+from frame_dist.model.metrics import all_metrics, logloss, sigmoid
 from frame_dist.train.artifacts import ModelCard, run_dir, run_path
+from frame_dist.train.trainer import predict
 from frame_dist.train.worker_data import whole_graph
 from jobs import evaluate as evaluate_job
 
@@ -242,10 +246,41 @@ def test_run_summary_ends_the_pipeline_with_table_and_report(evaluated):
     _, store, _ = evaluated
     evaluation = store.read_json(run_path(RUN, "evaluation.json"))
     lines = run_summary(store, RUN).splitlines()
-    assert lines[0] == "| | auc | logloss | recall@3 | ndcg@3 | recall@5 | ndcg@5 |"
+    names = ("auc", "logloss", "logloss_raw", "recall@3", "ndcg@3", "recall@5", "ndcg@5")
+    assert lines[0] == "| | " + " | ".join(names) + " |"
     assert lines[2] == "| model | " + " | ".join(
-        f"{evaluation['model'][k]:.4f}"
-        for k in ("auc", "logloss", "recall@3", "ndcg@3", "recall@5", "ndcg@5")) + " |"
+        f"{evaluation['model'][k]:.4f}" for k in names) + " |"
     assert lines[3].startswith("| oracle |")
     assert lines[-1] == f"report: {store.uri(run_path(RUN, REPORT))}"
     assert run_summary(store, "missing").startswith("run missing: not evaluated yet")
+
+
+def test_evaluation_applies_the_stored_calibration(evaluated):
+    """Train -> evaluate on the tiny world: the calibration fitted on the validation split
+    lowers its Logloss (true by construction), is stored in model.pt and metrics.json, and is
+    the one evaluate applies to the test logits; AUC and the ranking metrics ignore it."""
+    cfg, store, _ = evaluated
+    metrics = store.read_json(run_path(RUN, "metrics.json"))
+    evaluation = store.read_json(run_path(RUN, "evaluation.json"))
+    saved = torch.load(store.path(run_path(RUN, "model.pt")), weights_only=True)
+    assert metrics["valid"]["logloss"] <= metrics["valid"]["logloss_raw"]
+    assert saved["calibration"] == metrics["calibration"] == evaluation["calibration"]
+    cal = Calibration.from_dict(saved["calibration"])
+    assert not cal.is_identity
+    test = load_test_split(store, RUN)
+    assert test.calibration == cal
+    labels = test.rows["full_watch"].to_numpy().astype(np.int64)
+    logits = predict(test.model, test.data.clip_features, test.data.graph, test.users,
+                     test.videos)
+    model = evaluation["model"]
+    assert model["logloss"] == pytest.approx(logloss(labels, cal.apply(logits)), abs=1e-9)
+    assert model["logloss_raw"] == pytest.approx(logloss(labels, sigmoid(logits)), abs=1e-9)
+    raw = all_metrics(test.users, labels, logits, cfg.evaluate.ks)
+    for key in ("auc", "recall@3", "ndcg@3", "recall@5", "ndcg@5"):
+        assert model[key] == pytest.approx(raw[key], abs=1e-12), key
+    markdown = store.read_bytes(run_path(RUN, REPORT)).decode()
+    assert f"calibration a = {cal.a:.4g}, b = {cal.b:.4g}" in markdown
+    case = store.read_json(run_path(RUN, SUMMARY))["case_study"]
+    assert case["probability"] == pytest.approx(float(cal.apply(np.array(
+        [case["video_score"]]))[0]), abs=1e-9)
+    assert ModelCard.read_header(store, RUN)["calibration"] == evaluation["calibration"]

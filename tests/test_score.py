@@ -47,6 +47,7 @@ from feature_store.frames import (
     stored_identity,
     write_frame_part,
 )
+from feature_store.schemas import SCORES
 from feature_store.store import Store, StoreError
 from frame_dist.config import ConfigError, load_config
 from frame_dist.graph.shards import (
@@ -54,6 +55,7 @@ from frame_dist.graph.shards import (
     read_graph_manifest,
     read_graph_user_ids,
 )
+from frame_dist.model.calibration import Calibration
 from frame_dist.model.frame import FRAME
 from frame_dist.score.embeddings import sharded_embeddings, whole_graph_embeddings
 from frame_dist.score.kernel import FusedScorer, fuse_tables
@@ -66,8 +68,9 @@ from frame_dist.score.pipeline import (
     prepare_scoring,
     read_scores,
     run_scoring,
+    top_k_table,
 )
-from frame_dist.train.artifacts import run_path
+from frame_dist.train.artifacts import SavedModel, run_path
 from frame_dist.train.worker_data import whole_graph
 from jobs import score as score_job
 
@@ -108,27 +111,31 @@ def clean_run(world, ray_local):
 # --------------------------------------------------------------------------- kernel (no Ray)
 
 
-@pytest.mark.parametrize("use_negative", [True, False])
-def test_fused_scorer_equals_model_score_block(use_negative) -> None:
+def _fused_case(use_negative: bool, aggregation: str, n_c: int, n_users: int = 11,
+                n_videos: int = 7):
+    """A small FRAME's fused tables and its own ``score_block`` (n_users, n_videos)."""
     torch.manual_seed(0)
-    model = FRAME(8, dim=6, hidden=5, a_pos=1.0, a_neg=0.3, use_negative=use_negative).eval()
+    model = FRAME(8, dim=6, hidden=5, a_pos=1.0, a_neg=0.3, use_negative=use_negative,
+                  aggregation=aggregation).eval()
     with torch.no_grad():
         for p in model.parameters():  # non-zero biases, so b_1 and c of eq. 11 are exercised
             p.add_(0.3 * torch.randn_like(p))
-    n_c, n_videos = 3, 7
     h_c = torch.randn(n_videos * n_c, 6)
-    h_u_pos, h_u_neg = torch.relu(torch.randn(11, 6)), torch.relu(torch.randn(11, 6))
+    h_u_pos, h_u_neg = torch.relu(torch.randn(n_users, 6)), torch.relu(torch.randn(n_users, 6))
     h_u_pos[4] = 0  # a cold user: Z_u = 0
     h_u_neg[4] = 0
     tables = fuse_tables(model, h_c, h_u_pos, h_u_neg if use_negative else None, n_c)
-    assert tables.user_table.shape == (11, 5 * (2 if use_negative else 1))
+    assert tables.user_table.shape == (n_users, 5 * (2 if use_negative else 1))
     assert torch.equal(tables.user_table[4], torch.zeros(tables.user_table.shape[1]))
+    assert tables.aggregation == aggregation
     with torch.no_grad():
-        expected = model.score_block(h_u_pos, h_u_neg, h_c.view(n_videos, n_c, 6))  # (11, 7)
-    # a tiny tile budget forces several user and video tiles and partial edge tiles
-    scorer = FusedScorer(tables.clip_thresholds, tables.out_weight, tables.out_bias,
-                         videos_per_block=3)
-    scorer.user_tile, scorer.video_tile = 4, 2
+        expected = model.score_block(h_u_pos, h_u_neg, h_c.view(n_videos, n_c, 6))  # (U, V)
+    return tables, expected
+
+
+def _check_fused_scorer(scorer: FusedScorer, tables, expected: torch.Tensor) -> None:
+    """Scores, a range of videos and the top-k with seen pairs equal ``score_block``'s."""
+    n_users, n_videos = expected.shape
     torch.testing.assert_close(scorer.scores(tables.user_table), expected, atol=TOL, rtol=0)
     torch.testing.assert_close(scorer.scores(tables.user_table, 2, 5), expected[:, 2:5],
                                atol=TOL, rtol=0)
@@ -141,10 +148,40 @@ def test_fused_scorer_equals_model_score_block(use_negative) -> None:
     torch.testing.assert_close(values, top.values, atol=TOL, rtol=0)
     assert torch.equal(positions, top.indices)
     # k above the candidate count: every video, the excluded ones as -inf at the end
-    values, positions = scorer.top_k(tables.user_table, 50, seen)
-    assert values.shape == (11, n_videos)
+    values, positions = scorer.top_k(tables.user_table, n_videos + 43, seen)
+    assert values.shape == (n_users, n_videos)
     assert torch.isinf(values[0]).sum() == 2 and torch.isinf(values[5]).sum() == 1
     assert sorted(positions[1].tolist()) == list(range(n_videos))
+
+
+@pytest.mark.parametrize("n_c", [1, 3, 4])
+@pytest.mark.parametrize("aggregation", ["mean", "survival"])
+@pytest.mark.parametrize("use_negative", [True, False])
+def test_fused_scorer_equals_model_score_block(use_negative, aggregation, n_c) -> None:
+    tables, expected = _fused_case(use_negative, aggregation, n_c)
+    # a tiny tile budget forces several user and video tiles and partial edge tiles
+    scorer = FusedScorer(tables.clip_thresholds, tables.out_weight, tables.out_bias,
+                         aggregation=tables.aggregation, videos_per_block=3)
+    scorer.user_tile, scorer.video_tile = 4, 2
+    _check_fused_scorer(scorer, tables, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_c", [1, 4])
+@pytest.mark.parametrize("aggregation", ["mean", "survival"])
+def test_compiled_kernel_equals_model_score_block(aggregation, n_c) -> None:
+    """The compiled kernel: 140 users (a partial second tile of 128), 45 videos (N_c = 4:
+    tiles of 16, the last partial); padded users and videos are sliced off."""
+    tables, expected = _fused_case(True, aggregation, n_c, n_users=140, n_videos=45)
+    scorer = FusedScorer(tables.clip_thresholds, tables.out_weight, tables.out_bias,
+                         aggregation=tables.aggregation, kernel="compiled", videos_per_block=20)
+    _check_fused_scorer(scorer, tables, expected)
+    assert scorer.kernel == "compiled"  # it compiled, no fallback to eager
+
+
+def test_fused_scorer_refuses_an_unknown_aggregation() -> None:
+    with pytest.raises(ValueError, match="aggregation='max' must be one of"):
+        FusedScorer(torch.zeros(2, 1, 3), torch.zeros(3), 0.0, aggregation="max")
 
 
 @pytest.mark.slow
@@ -197,6 +234,24 @@ def test_chunk_table_cuts_users_and_their_seen_pairs() -> None:
     assert len(tables_all) == 3
 
 
+def test_top_k_rows_carry_the_calibrated_probability() -> None:
+    """SCORES rows: the logit as ``score`` and P(full watch) = sigmoid(a score + b) beside it;
+    a user's -inf entries (no candidate left) are dropped."""
+    values = np.array([[2.0, -0.5, -np.inf], [0.25, -np.inf, -np.inf]], np.float32)
+    positions = np.array([[1, 0, 0], [2, 0, 0]])
+    users, videos = pa.array(["a", "b"]), pa.array(["v0", "v1", "v2"])
+    table = top_k_table(users, values, positions, videos, Calibration(0.5, -1.0))
+    assert table.schema == SCORES and table.num_rows == 3
+    assert table["video_id"].to_pylist() == ["v1", "v0", "v2"]
+    scores = np.array([2.0, -0.5, 0.25])
+    np.testing.assert_allclose(table["score"].to_numpy(), scores)
+    np.testing.assert_allclose(table["probability"].to_numpy(),
+                               1 / (1 + np.exp(-(0.5 * scores - 1.0))), rtol=1e-6)
+    plain = top_k_table(users, values, positions, videos)  # no calibration: sigmoid(score)
+    np.testing.assert_allclose(plain["probability"].to_numpy(), 1 / (1 + np.exp(-scores)),
+                               rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- the job (Ray)
 
 
@@ -205,8 +260,10 @@ def test_top_k_equals_brute_force_forward(world, reference, clean_run) -> None:
     summary, table = clean_run
     _, _, users, videos = reference
     assert GHOST not in users and world[3] not in videos  # absent from the graph
-    assert summary.users == len(users) == 24 and summary.candidates == len(videos) == 9
     _, store, _, _ = world
+    # the default aggregation end to end: the job's survival kernel against score_pairs
+    assert SavedModel.read(store, RUN).model_args["aggregation"] == "survival"
+    assert summary.users == len(users) == 24 and summary.candidates == len(videos) == 9
     assert [s.users for s in read_graph_manifest(store, 4).shards] == [12, 12]
     assert summary.chunks == summary.scored_chunks == _n_chunks(store) == 6  # 3 per shard
     assert summary.skipped_chunks == 0
@@ -240,6 +297,17 @@ def test_manifest_identity_and_parts(world, clean_run) -> None:
 
 
 @pytest.mark.slow
+def test_probability_column_uses_the_runs_calibration(world, clean_run) -> None:
+    _, store, _, _ = world
+    _, table = clean_run
+    cal = SavedModel.read(store, RUN).calibration
+    assert not cal.is_identity  # fitted on the world's validation split
+    assert store.table(SCORES_TABLE).metadata()["identity"]["calibration"] == cal.to_dict()
+    np.testing.assert_allclose(table["probability"].to_numpy(),
+                               cal.apply(table["score"].to_numpy()), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
 def test_driver_receives_the_clip_side_only(world, ray_local) -> None:
     """The shard tasks send the driver their clip partials and nothing per user; the users'
     chunk rows stay in the object store and equal Z_u of the single-process embeddings."""
@@ -262,6 +330,8 @@ def test_driver_receives_the_clip_side_only(world, ray_local) -> None:
     tables = fuse_tables(model, single.h_c, single.h_u_pos, single.h_u_neg, 4)
     torch.testing.assert_close(inputs.clip_side.clip_thresholds, tables.clip_thresholds,
                                atol=TOL, rtol=0)
+    assert torch.equal(inputs.clip_side.out_weight, tables.out_weight)
+    assert inputs.clip_side.aggregation == tables.aggregation == model.aggregation
     row_of = {u: i for i, u in enumerate(read_graph_user_ids(store, manifest).to_pylist())}
     seen = {(int(u), int(v)) for u, v in zip(single.train_users, single.train_videos)}
     for r in rows:

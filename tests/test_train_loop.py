@@ -296,6 +296,25 @@ def test_evaluate_stage_matches_training_and_reports_oracle(store_cfg, two_worke
 
 
 @pytest.mark.slow
+def test_bf16_run_scores_metrics_in_fp32_and_stores_its_calibration(ray_local, store_cfg):
+    """train.precision=bf16 on the CPU workers: the test metrics in metrics.json equal the
+    evaluate stage's (fp32 logits on both paths, the same stored calibration) to 1e-6."""
+    from frame_dist.evaluate.evaluation import evaluate_run
+
+    cfg, store, overrides = store_cfg
+    run_cfg, metrics = _run(overrides, **{"train.workers": 2, "train.precision": "bf16",
+                                          "train.epochs": 2, "train.run_name": "bf16"})
+    saved = torch.load(store.path(run_path("bf16", "model.pt")), weights_only=True)
+    assert saved["calibration"] == metrics["calibration"] != {"a": 1.0, "b": 0.0}
+    assert metrics["valid"]["logloss"] <= metrics["valid"]["logloss_raw"]
+    result = evaluate_run(run_cfg, store)
+    assert result["calibration"] == metrics["calibration"]
+    assert metrics["test"].keys() == result["model"].keys()
+    for key, value in metrics["test"].items():
+        assert result["model"][key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.slow
 def test_plan_estimate_matches_measured_peak_rss(store_cfg, two_worker_run):
     """The planner's per-worker peak (frame_dist.train.plan) against what the W = 2 run measured.
 

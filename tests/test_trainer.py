@@ -13,6 +13,7 @@ import torch
 
 from frame_dist.config import EvaluateConfig, ModelConfig, TrainConfig
 from frame_dist.graph.clip_graph import Interactions, build_graph, to_torch
+from frame_dist.model.calibration import Calibration, fit_platt
 from frame_dist.model.frame import FRAME
 from frame_dist.model.loss import FRAMETrainTask, InteractionBatch
 from frame_dist.model.metrics import all_metrics
@@ -260,3 +261,52 @@ def test_training_under_bf16_learns_as_fp32(planted) -> None:
         assert all(v.dtype == torch.float32 for v in runs[precision].best_state.values())
     auc32, auc16 = (runs[p].best_metrics["auc"] for p in ("fp32", "bf16"))
     assert auc16 > 0.9 and auc16 == pytest.approx(auc32, abs=0.02)
+
+
+# --------------------------------------------------------------------------- metrics, calibration
+
+
+def test_metrics_in_training_are_fp32_under_bf16(planted) -> None:
+    """train.precision=bf16 trains under autocast, yet the validation and test metrics come from
+    fp32 logits: the in-training test metrics equal ``evaluate``'s (the evaluate stage's path)
+    on the best weights, and bf16 logits would not."""
+    model = build_model(MODEL_CFG, F, seed=0)
+    valid = planted["valid"]
+    result = train(model, planted["x"], planted["graph"], planted["train"], valid,
+                   _cfg(epochs=2, precision="bf16"), test_data=valid)
+    clone = FRAME(**model.model_args())
+    clone.load_state_dict(result.best_state)
+    again = evaluate(clone, planted["x"], planted["graph"], valid.users, valid.videos,
+                     valid.labels, calibration=result.calibration)
+    assert again.keys() == result.test.keys()
+    for key, value in again.items():
+        assert result.test[key] == pytest.approx(value, abs=1e-6), key
+    best_epoch = result.history[result.best_epoch - 1]["valid"]
+    assert best_epoch["auc"] == pytest.approx(again["auc"], abs=1e-6)
+    assert best_epoch["logloss_raw"] == pytest.approx(again["logloss_raw"], abs=1e-6)
+    logits16 = predict(clone, planted["x"], planted["graph"], valid.users, valid.videos,
+                       precision="bf16")
+    bf16 = all_metrics(valid.users, valid.labels, logits16, (3, 5), result.calibration)
+    assert max(abs(bf16[k] - again[k]) for k in ("auc", "logloss", "ndcg@5")) > 1e-6
+
+
+def test_training_calibrates_the_best_weights_on_validation(planted) -> None:
+    model = build_model(MODEL_CFG, F, seed=0)
+    planted_valid = planted["valid"]
+    flip = np.random.default_rng(0).random(len(planted_valid.labels)) < 0.1  # label noise:
+    valid = EvalData(planted_valid.users, planted_valid.videos,  # the classes overlap, so the
+                     planted_valid.labels ^ flip)  # best slope is finite (not the identity)
+    result = train(model, planted["x"], planted["graph"], planted["train"], valid, _cfg())
+    logits = predict(model, planted["x"], planted["graph"], valid.users, valid.videos)
+    assert result.calibration == fit_platt(logits, valid.labels)  # the model ends with the best
+    assert not result.calibration.is_identity
+    metrics, best_epoch = result.best_metrics, result.history[result.best_epoch - 1]["valid"]
+    assert metrics["logloss"] < metrics["logloss_raw"] == pytest.approx(best_epoch["logloss"])
+    assert metrics["logloss"] == pytest.approx(
+        all_metrics(valid.users, valid.labels, logits, (3, 5), result.calibration)["logloss"])
+    for key in ("auc", "recall@3", "ndcg@3", "recall@5", "ndcg@5"):  # a monotone map
+        assert metrics[key] == best_epoch[key], key
+    # without a validation split there is nothing to fit: the identity
+    model = build_model(MODEL_CFG, F, seed=0)
+    alone = train(model, planted["x"], planted["graph"], planted["train"], None, _cfg(epochs=1))
+    assert alone.calibration == Calibration() and alone.best_metrics == {}

@@ -9,7 +9,7 @@ The session fixtures of tests/conftest.py build each world once (``tiny_ingest``
   topic plus noise, at the world's true scene timeline), so that training has something to learn
   without spending the test's time in the ResNet trunk.
 - :func:`single_process_training` / :func:`train_and_save`: the plain-torch trainer on the merged
-  shards, saved with the training stage's own writer (model.pt, metrics.json).
+  shards, saved with the training stage's own writer (model.pt, metrics.json, the calibration).
 - The score world (:func:`edit_interactions`, :data:`COLD`, :data:`GHOST`), its forward
   reference (:func:`score_reference`), copies without scores (:func:`fresh_copy`) and the top-K
   list helpers (:func:`top_k_lists`, :func:`naive_top_k`, :func:`assert_same_lists`).
@@ -128,7 +128,7 @@ def train_and_save(cfg: Config, store: Store, global_step: int = 0) -> None:
     model.load_state_dict(result.best_state)
     state = dataclasses.replace(result.state, global_step=global_step,
                                 fingerprint="test-fingerprint")
-    write_outputs(cfg, store, model, state, {})
+    write_outputs(cfg, store, model, state, {}, result.calibration, result.best_metrics)
 
 
 # --------------------------------------------------------------------------- the score world

@@ -4,7 +4,8 @@ Rebuilds the model from the run's ``model.pt`` alone (``frame_dist.train.artifac
 propagates once over the whole committed graph (every shard merged: the single-process path,
 fine up to millions of edges; the training stage computes the same metrics distributed), scores
 the test interactions of the ``interactions`` table and computes AUC, Logloss, Recall@K and
-NDCG@K with the trainer's evaluation (``frame_dist.train.trainer.evaluate``). Where the store
+NDCG@K with the trainer's evaluation (``frame_dist.train.trainer.evaluate``): ``logloss`` of the
+probabilities under model.pt's calibration, ``logloss_raw`` of sigmoid(logit). Where the store
 has a ``truth`` table (the synthetic world's, or one ingest wrote from ``ingest.truth_column``)
 covering every test interaction, the **oracle** (the true full-watch probability of each) is
 scored with the same metrics: the ceiling any model can reach on this data. Writes
@@ -26,6 +27,7 @@ from feature_store.store import Store
 from frame_dist.config import Config
 from frame_dist.graph.clip_graph import IdMap, encode_interactions
 from frame_dist.graph.manifest import GraphManifest
+from frame_dist.model.calibration import Calibration
 from frame_dist.model.frame import FRAME
 from frame_dist.model.metrics import all_metrics
 from frame_dist.score.embeddings import reads_clip_features
@@ -43,6 +45,7 @@ class TestSplit:
 
     model: FRAME  # eval mode
     n_clips: int
+    calibration: Calibration  # model.pt's: P(full watch) = sigmoid(a y + b)
     data: WorkerData  # the whole graph (frame_dist.train.worker_data.whole_graph); clip features
     # only for a model that reads them (None when it owns its clip table)
     rows: pd.DataFrame  # the test rows of the interactions table
@@ -56,7 +59,7 @@ def load_test_split(store: Store, run_name: str) -> TestSplit:
     data, manifest = whole_graph(store, n_clips, model.use_negative,
                                  with_features=reads_clip_features(model))  # (C, F): if read
     rows, users, videos = split_pairs(store, data, manifest, "test")
-    return TestSplit(model, n_clips, data, rows, users, videos)
+    return TestSplit(model, n_clips, saved.calibration, data, rows, users, videos)
 
 
 def split_pairs(store: Store, data: WorkerData, manifest: GraphManifest, split: str
@@ -85,7 +88,9 @@ def evaluate_run(cfg: Config, store: Store, test: TestSplit | None = None) -> di
     result: dict[str, Any] = {
         "run": cfg.train.run_name, "n_clips": n_clips,
         "model": evaluate(test.model, test.data.clip_features, test.data.graph, users,
-                          test.videos, labels, cfg.evaluate.ks, cfg.evaluate.batch_size),
+                          test.videos, labels, cfg.evaluate.ks, cfg.evaluate.batch_size,
+                          calibration=test.calibration),
+        "calibration": test.calibration.to_dict(),
     }
     if store.table("truth").exists():
         truth = store.table("truth").read().to_pandas()
@@ -105,6 +110,6 @@ def metrics_table(result: dict[str, Any]) -> str:
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for who in ("model", "oracle"):
         if who in result:
-            lines.append(f"| {who} | " + " | ".join(f"{result[who][k]:.4f}" for k in names)
-                         + " |")
+            lines.append(f"| {who} | " + " | ".join(
+                f"{result[who][k]:.4f}" if k in result[who] else "-" for k in names) + " |")
     return "\n".join(lines)

@@ -53,10 +53,11 @@ COUNTS = ("n", "positives", "ranked_users")  # entries of a metrics dict that ar
 
 
 def metric_names(metrics: dict[str, Any]) -> list[str]:
-    """AUC, Logloss, then Recall@K and NDCG@K by K: the metrics of one evaluation, in order."""
+    """AUC, Logloss (calibrated, then raw), then Recall@K and NDCG@K by K: the metrics of one
+    evaluation, in order."""
     names = [k for k in metrics if k not in COUNTS]
     ks = sorted({int(k.split("@")[1]) for k in names if "@" in k})
-    ordered = [k for k in ("auc", "logloss") if k in names]
+    ordered = [k for k in ("auc", "logloss", "logloss_raw") if k in names]
     ordered += [f"{m}@{k}" for k in ks for m in ("recall", "ndcg") if f"{m}@{k}" in names]
     return ordered + sorted(set(names) - set(ordered))
 
@@ -143,6 +144,7 @@ class CaseStudy:
     skip_clip: int  # s = floor(r * N_c) (graph.clip_graph.clip_labels): where the user left
     clip_scores: list[float]  # y(u, c) (eq. 12) for the clips c = 0 .. N_c - 1 of the video
     video_score: float  # y(u, v) (eq. 13): their mean
+    probability: float  # P(full watch) = sigmoid(a y(u, v) + b), the run's calibration
 
 
 def pick_skip(rows: pd.DataFrame, users: np.ndarray, n_clips: int) -> int | None:
@@ -197,7 +199,8 @@ def case_study(store: Store, run_name: str, test: TestSplit | None = None
     skip = clip_labels(np.array([row["watch_ratio"]]), np.array([False]), n_clips)[0]
     return CaseStudy(str(row["user_id"]), str(row["video_id"]), int(row["timestamp"]),
                      float(row["duration_s"]), float(row["watch_ratio"]), int(skip),
-                     [float(s) for s in scores], float(scores.mean()))
+                     [float(s) for s in scores], float(scores.mean()),
+                     float(test.calibration.apply(np.array([scores.mean()]))[0]))
 
 
 # --------------------------------------------------------------------------- plots
@@ -329,6 +332,13 @@ def report_markdown(result: dict[str, Any], rows: list[dict[str, Any]],
     out = [f"# Run report: {result['run']}", "",
            f"N_c = {result['n_clips']}; {model['n']} test interactions, {model['positives']} "
            "full watches.", "", "## Test metrics", "", metrics_table(result), ""]
+    if "calibration" in result:
+        cal = result["calibration"]
+        out += [f"`logloss` scores the probabilities P(full watch) = sigmoid(a y + b) of the "
+                f"model's logit y with the run's calibration a = {cal['a']:.4g}, b = "
+                f"{cal['b']:.4g} (Platt scaling on the validation split, "
+                "docs/model.md section 6); `logloss_raw` scores sigmoid(y). AUC, Recall@K and "
+                "NDCG@K do not depend on it.", ""]
     if "oracle" in result:
         out += [f"Oracle AUC: **{result['oracle']['auc']:.4f}** (the true full-watch "
                 "probabilities of the `truth` table, the simulation's or the data's own, scored "
@@ -371,7 +381,9 @@ def report_markdown(result: dict[str, Any], rows: list[dict[str, Any]],
                 "| y(u, c) | " + " | ".join(
                     (f"**{s:.4f}**" if j == case.skip_clip else f"{s:.4f}")
                     for j, s in enumerate(case.clip_scores)) + " |", "",
-                "The skip clip is in bold; clips after it were never shown.", ""]
+                "The skip clip is in bold; clips after it were never shown. The calibrated "
+                f"probability of a full watch was sigmoid(a y(u, v) + b) = "
+                f"{case.probability:.4f}.", ""]
     return "\n".join(out)
 
 

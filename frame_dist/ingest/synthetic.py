@@ -10,9 +10,10 @@ This is the project's embedded default data. Everything is a deterministic funct
   H.264 mp4 files (libx264, yuv420p) with PyAV; one encoder thread and no mbtree, so the same
   config always gives the same bytes.
 * **Users.** User u has a taste ``taste[u, k]`` for every topic k: with probability
-  :data:`DISLIKE_FRACTION` a topic is disliked (negative taste), otherwise liked; the magnitude is
+  ``dislike_fraction`` a topic is disliked (negative taste), otherwise liked; the magnitude is
   ``taste_sharpness * (TASTE_FLOOR + |z|)``, z ~ N(0, 1). User u also has an impatience factor
-  ``imp[u]`` (log-normal, median 1) that scales the background skip rate.
+  ``imp[u]`` (log-normal, median 1, spread ``impatience_sigma``) that scales the background skip
+  rate.
 * **Exposure.** User u is shown ``clip(Poisson(interactions_per_user), 3, n_videos)`` distinct
   videos, drawn without replacement with Zipf popularity weights (Gumbel top-k), watched in a
   random order with increasing integer timestamps.
@@ -75,9 +76,7 @@ from frame_dist.config import Config, ConfigError, WorldConfig, load_config
 GENERATOR_VERSION = 1
 
 # ---- user model (fixed shape; the config scales it) ----
-DISLIKE_FRACTION = 0.25  # probability that a user dislikes a given topic
 TASTE_FLOOR = 1.0  # |taste| >= taste_sharpness * TASTE_FLOOR: liked and disliked are well apart
-IMPATIENCE_SIGMA = 0.5  # log-normal spread of the per-user background skip-rate factor
 SKIP_HORIZON = 0.98  # skips happen in [0, 0.98 * duration); = 1 - ingest's full_watch_tolerance
 REPLAY_PROBABILITY = 0.25  # a full watch is followed by a partial replay this often
 REPLAY_MAX = 0.3  # a replay adds up to this fraction of the duration to the play time
@@ -262,11 +261,12 @@ def make_layout(cfg: WorldConfig, rng: np.random.Generator) -> VideoLayout:
 
 
 def make_users(cfg: WorldConfig, rng: np.random.Generator) -> Users:
-    """Draw tastes ``s * taste_sharpness * (TASTE_FLOOR + |z|)`` (s = -1 w.p. DISLIKE_FRACTION)."""
+    """Draw tastes ``s * taste_sharpness * (TASTE_FLOOR + |z|)``, s = -1 with probability
+    ``dislike_fraction``, and impatience factors (log-normal, spread ``impatience_sigma``)."""
     m, k = cfg.n_users, cfg.n_topics
     magnitude = cfg.taste_sharpness * (TASTE_FLOOR + np.abs(rng.standard_normal((m, k))))
-    sign = np.where(rng.random((m, k)) < DISLIKE_FRACTION, -1.0, 1.0)
-    impatience = rng.lognormal(0.0, IMPATIENCE_SIGMA, m)
+    sign = np.where(rng.random((m, k)) < cfg.dislike_fraction, -1.0, 1.0)
+    impatience = rng.lognormal(0.0, cfg.impatience_sigma, m)
     return Users(user_ids=_ids("u", m, 4), taste=sign * magnitude, impatience=impatience)
 
 
@@ -602,12 +602,21 @@ def _clear(out_dir: str) -> None:
                 os.remove(os.path.join(videos_dir, name))
 
 
-def _write_tables(world: World, paths: dict[str, str]) -> None:
+def write_tables(world: World, paths: dict[str, str], with_uris: bool = True,
+                 truth_column: bool = False) -> None:
+    """videos.csv, interactions.csv, truth.parquet and scenes.parquet at ``paths``.
+
+    ``with_uris=False`` leaves the ``uri`` column out of videos.csv, ``truth_column=True`` adds
+    ``p_full`` to interactions.csv (``ingest.truth_column``): a world read as user data, whose
+    frame features are imported (``frame_dist.ingest.feature_world``).
+    """
     lay = world.layout
-    uris = [os.path.join(paths["videos_dir"], f"{vid}.mp4") for vid in lay.video_ids]
-    videos = pa.table({"video_id": lay.video_ids.tolist(), "uri": uris,
-                       "duration_s": lay.duration_s})
-    pa_csv.write_csv(videos, paths["videos_csv"])
+    videos = {"video_id": lay.video_ids.tolist()}
+    if with_uris:
+        videos["uri"] = [os.path.join(paths["videos_dir"], f"{vid}.mp4")
+                         for vid in lay.video_ids]
+    videos["duration_s"] = lay.duration_s
+    pa_csv.write_csv(pa.table(videos), paths["videos_csv"])
 
     # A log in time order (ties by user), the way a platform would export it.
     order = np.lexsort((world.user_index, world.timestamp))
@@ -621,6 +630,8 @@ def _write_tables(world: World, paths: dict[str, str]) -> None:
         "duration_s": lay.duration_s[v],
         "timestamp": world.timestamp[order].astype(np.int64),
     })
+    if truth_column:
+        interactions = interactions.append_column("p_full", pa.array(world.outcome.p_full[order]))
     pa_csv.write_csv(interactions, paths["interactions_csv"])
 
     truth = pa.table({"user_id": user_ids, "video_id": video_ids,
@@ -672,7 +683,7 @@ def generate_world(cfg: WorldConfig, *, force: bool = False) -> WorldInfo:
     _clear(out_dir)
     world = simulate_world(cfg)
     _render_all(world, paths["videos_dir"])
-    _write_tables(world, paths)
+    write_tables(world, paths)
     meta = {
         "generator_version": GENERATOR_VERSION,
         "out_dir": out_dir,
@@ -680,8 +691,7 @@ def generate_world(cfg: WorldConfig, *, force: bool = False) -> WorldInfo:
         "counts": world_stats(world),
         "files": {key: os.path.relpath(path, out_dir) for key, path in paths.items()
                   if key != "meta_json"},
-        "model": {"dislike_fraction": DISLIKE_FRACTION, "taste_floor": TASTE_FLOOR,
-                  "impatience_sigma": IMPATIENCE_SIGMA, "skip_horizon": SKIP_HORIZON,
+        "model": {"taste_floor": TASTE_FLOOR, "skip_horizon": SKIP_HORIZON,
                   "replay_probability": REPLAY_PROBABILITY, "replay_max": REPLAY_MAX,
                   "zipf_exponent": ZIPF_EXPONENT},
         "generation_seconds": round(time.perf_counter() - began, 3),

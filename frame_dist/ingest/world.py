@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import pyarrow.parquet as pq
 
 from feature_store.schemas import SCENES, TRUTH, conform
@@ -31,3 +34,23 @@ def prepare_world(cfg: Config, store: Store) -> Config:
     cfg.ingest.interactions = str(info.interactions_csv)
     cfg.ingest.videos = str(info.videos_csv)
     return cfg
+
+
+def from_world(config: dict[str, Any]) -> bool:
+    """Whether a resolved config (``Config.to_dict()``) ingests the synthetic world: no
+    interactions file, or the world's own files, as :func:`prepare_world` sets them.
+
+    The world's files are absolute paths from the driver's working directory; a relative
+    ``world.out_dir`` is matched as their suffix (a Ray worker runs elsewhere).
+    """
+    from frame_dist.ingest.synthetic import INTERACTIONS_CSV, VIDEOS_CSV
+
+    ingest = config["ingest"]
+    if not ingest["interactions"]:
+        return True
+    out_dir = os.path.normpath(str(config["world"]["out_dir"]).removeprefix("file://"))
+    for got, name in ((ingest["interactions"], INTERACTIONS_CSV), (ingest["videos"], VIDEOS_CSV)):
+        got, want = os.path.normpath(str(got)), os.path.join(out_dir, name)
+        if not (got == want or (not os.path.isabs(want) and got.endswith(os.sep + want))):
+            return False
+    return True

@@ -18,6 +18,25 @@ from torch import Tensor, nn
 
 from frame_dist.model.propagation import LocalPropagation, PropagationGraph, clip_ids
 
+AGGREGATIONS = ("mean", "survival")  # how a video's clip scores make its score (video_logit)
+
+
+def video_logit(clip_logits: Tensor, aggregation: str) -> Tensor:
+    """y(u, v) from the clip scores of a video, (..., N_c) -> (...).
+
+    "mean" (eq. 13): the mean clip logit. "survival": a full watch is the event that no clip
+    is skipped, P(full) = prod_j sigmoid(y_j), returned as the logit log P - log(1 - P) in fp32
+    (the clip losses of eq. 14 without position weights are then the exact likelihood of where
+    the user stopped; docs/model.md section 3).
+    """
+    if aggregation == "mean":
+        return clip_logits.mean(-1)
+    if aggregation != "survival":
+        raise ValueError(f"aggregation={aggregation!r} must be one of {AGGREGATIONS}")
+    log_p = F.logsigmoid(clip_logits.float()).sum(-1)  # log P(full) <= 0
+    log_p = log_p.clamp(max=-torch.finfo(log_p.dtype).tiny)  # P < 1: a finite logit
+    return log_p - torch.log(-torch.expm1(log_p))
+
 
 @dataclass
 class Embeddings:
@@ -106,7 +125,9 @@ class FRAME(nn.Module):
                - a_n \,\mathrm{MLP}^n(\mathbf{h}_u^n \Vert \mathbf{h}_c), \qquad
         y_{uv} = \frac{1}{N_c} \sum_{j=1}^{N_c} y_{u c_{v,j}}
 
-    and P(full watch) = sigmoid(y_uv).
+    and P(full watch) = sigmoid(y_uv); with ``aggregation="survival"`` the clip sigmoids are
+    per-clip probabilities of watching on, P(full watch) = prod_j sigmoid(y_{u c_{v,j}}) and
+    y_uv is its logit (:func:`video_logit`).
 
     Args:
         n_clip_features (int): F, size of the clip features (2048 for the ResNet-50 trunk).
@@ -127,6 +148,9 @@ class FRAME(nn.Module):
             then dominates the parameters (and, under ZeRO, the partitioned optimizer state).
             It is left out of the L2 term (shrinking ResNet features towards 0 is not what
             eq. 16 regularises). (default: False)
+        aggregation (str, optional): how clip scores make the video score: "mean" (eq. 13)
+            or "survival" (:func:`video_logit`; frame-dist's configured default,
+            ``model.aggregation``). (default: "mean")
         n_clips_total (int, optional): C, required when ``use_visual=False`` or
             ``trainable_clip_features``.
         propagation (LocalPropagation, optional): the sparse message passing; a distributed
@@ -143,8 +167,10 @@ class FRAME(nn.Module):
                  a_pos: float = 1.0, a_neg: float = 0.2, use_negative: bool = True,
                  enhance: bool = True, use_visual: bool = True,
                  n_clips_total: int | None = None, trainable_clip_features: bool = False,
-                 propagation: LocalPropagation | None = None):
+                 aggregation: str = "mean", propagation: LocalPropagation | None = None):
         super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"FRAME: aggregation={aggregation!r} must be one of {AGGREGATIONS}")
         if dim <= 0 or hidden <= 0:
             raise ValueError(f"FRAME: dim={dim} and hidden={hidden} must be > 0")
         if use_visual and n_clip_features <= 0:
@@ -168,6 +194,7 @@ class FRAME(nn.Module):
         self.use_visual = use_visual
         self.n_clips_total = n_clips_total
         self.trainable_clip_features = trainable_clip_features
+        self.aggregation = aggregation
         self.propagation = propagation if propagation is not None else LocalPropagation()
 
         if trainable_clip_features:
@@ -210,7 +237,8 @@ class FRAME(nn.Module):
                     a_pos=self.a_pos, a_neg=self.a_neg, use_negative=self.use_negative,
                     enhance=self.enhance, use_visual=self.use_visual,
                     n_clips_total=self.n_clips_total,
-                    trainable_clip_features=self.trainable_clip_features)
+                    trainable_clip_features=self.trainable_clip_features,
+                    aggregation=self.aggregation)
 
     def regularized_parameters(self) -> list[Tensor]:
         """Theta of the L2 term (eq. 16): every weight matrix and the free clip table; no biases,
@@ -314,6 +342,11 @@ class FRAME(nn.Module):
             y = y - self.a_neg * self.mlp_neg(h_u_neg, h_c)
         return y
 
+    def video_logit(self, clip_logits: Tensor) -> Tensor:
+        """y(u, v) from the clip scores of a video, (..., N_c) -> (...): :func:`video_logit`
+        with this model's aggregation."""
+        return video_logit(clip_logits, self.aggregation)
+
     def video_scores(self, users: Tensor, videos: Tensor, h_c: Tensor, h_u_pos: Tensor,
                      h_u_neg: Tensor | None, clips_per_video: int) -> Tensor:
         """y(u, v) (eq. 13) of (user, video) pairs from the full tables of one propagation.
@@ -323,7 +356,7 @@ class FRAME(nn.Module):
         """
         h_c_video = h_c.view(-1, clips_per_video, h_c.shape[-1])[videos]  # (B, N_c, d)
         hn = None if h_u_neg is None else h_u_neg[users, None]  # (B, 1, d)
-        return self.clip_scores(h_u_pos[users, None], hn, h_c_video).mean(-1)  # (B,)
+        return self.video_logit(self.clip_scores(h_u_pos[users, None], hn, h_c_video))  # (B,)
 
     def score_block(self, h_u_pos: Tensor, h_u_neg: Tensor | None, h_c_video: Tensor) -> Tensor:
         """y(u, v) of every user against every video of a block: (U, d), (V, N_c, d) -> (U, V).
@@ -332,7 +365,7 @@ class FRAME(nn.Module):
         """
         hp = h_u_pos[:, None, None]  # (U, 1, 1, d)
         hn = None if h_u_neg is None else h_u_neg[:, None, None]
-        return self.clip_scores(hp, hn, h_c_video[None]).mean(-1)  # (U, V)
+        return self.video_logit(self.clip_scores(hp, hn, h_c_video[None]))  # (U, V)
 
     def recommend(self, h_u_pos: Tensor, h_u_neg: Tensor | None, h_c_video: Tensor, k: int,
                   exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -362,7 +395,8 @@ class FRAME(nn.Module):
         for i in range(0, len(users), step):
             u, v = users[i:i + step], inverse[i:i + step]
             hn = None if h_u_neg is None else h_u_neg[u, None]
-            out.append(self.clip_scores(h_u_pos[u, None], hn, h_c_video[v]).mean(-1))  # (b,)
+            out.append(self.video_logit(self.clip_scores(h_u_pos[u, None], hn,
+                                                         h_c_video[v])))  # (b,)
         return torch.cat(out) if out else h_c.new_zeros(0)  # (B,)
 
     # ------------------------------------------------------------------ fused scores (eqs. 11-13)
@@ -370,7 +404,8 @@ class FRAME(nn.Module):
     # a score is the sum of a per-user and a per-clip table, each computed once. With G hidden
     # units (MLP^p's, then MLP^n's; G = 2 hidden, or hidden without the negative side):
     #
-    #     y(u, v) = sum_j w^T ReLU(Z_u - T_{v,j}) + beta        (= video_scores, eq. 13)
+    #     y(u, c_{v,j}) = w^T ReLU(Z_u - T_{v,j}) + beta, then video_logit over j
+    #     (aggregation="mean": y(u, v) = sum_j w^T ReLU(Z_u - T_{v,j}) + beta, 1/N_c in w)
 
     def _preference_sides(self) -> list[tuple[PreferenceMLP, float]]:
         """(MLP, signed weight of its score in eq. 12): (MLP^p, a_p) and (MLP^n, -a_n)."""
@@ -391,30 +426,35 @@ class FRAME(nn.Module):
         return torch.cat([mlp.user_part(h_u) for (mlp, _), h_u in sides], -1).contiguous()
 
     def fused_clip_side(self, h_c: Tensor, clips_per_video: int, videos: Tensor | None = None
-                        ) -> tuple[Tensor, Tensor, float]:
-        """The clip side of the fused score, (T_c, w, beta), for the clips of ``videos``.
+                        ) -> tuple[Tensor, Tensor, float, str]:
+        """The clip side of the fused score, (T_c, w, beta, aggregation), for ``videos``' clips.
 
         ``h_c`` (N N_c, d) in clip order c = v * N_c + j; ``videos`` (V,) video indices (None:
         all N). Returns::
 
             T_c  = -[W_p[:, d:] h_c + b_p ; W_n[:, d:] h_c + b_n]   (V, N_c, G) thresholds
-            w    = [a_p w_p ; -a_n w_n] / N_c                         (G,)
+            w    = [a_p w_p ; -a_n w_n] (/ N_c for "mean")           (G,)
             beta = a_p c_p - a_n c_n                                  float
+            aggregation = self.aggregation                            "mean" or "survival"
 
         where Z_c = -T_c are the clip halves (``PreferenceMLP.clip_part``), w_p, c_p the output
         layer of MLP^p (w_n, c_n of MLP^n). Stored negated: ReLU(Z_u + Z_c) = ReLU(Z_u - T_c).
+        "mean": y(u, v) = sum_j w^T ReLU(Z_u - T_{v,j}) + beta (eq. 13, 1 / N_c folded into w);
+        "survival": y_j = w^T ReLU(Z_u - T_{v,j}) + beta are the clip logits of
+        :meth:`video_logit`.
         """
         n_c = clips_per_video
         h_c_video = h_c.view(-1, n_c, self.dim)  # (N, N_c, d)
         if videos is not None:
             h_c_video = h_c_video[videos]  # (V, N_c, d)
+        divisor = n_c if self.aggregation == "mean" else 1  # survival needs each clip's own y_j
         clip_parts, weights, bias = [], [], 0.0
         for mlp, scale in self._preference_sides():
             clip_parts.append(mlp.clip_part(h_c_video))  # (V, N_c, hidden)
-            weights.append(scale * mlp.out.weight[0] / n_c)  # (hidden,)
+            weights.append(scale * mlp.out.weight[0] / divisor)  # (hidden,)
             bias += scale * float(mlp.out.bias[0])
         return ((-torch.cat(clip_parts, -1)).contiguous(), torch.cat(weights).contiguous(),
-                bias)
+                bias, self.aggregation)
 
     # ------------------------------------------------------------------ training forward
 

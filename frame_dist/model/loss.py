@@ -64,8 +64,10 @@ class HybridLoss(nn.Module):
         ...                       model.regularized_parameters())
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, l2: float = 1e-5):
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, l2: float = 1e-5,
+                 position_weights: bool = True):
         super().__init__()
+        self.position_weights = position_weights
         if alpha < 0 or beta < 0 or l2 < 0:
             raise ValueError(f"HybridLoss: alpha={alpha}, beta={beta}, l2={l2} must be >= 0")
         self.alpha, self.beta, self.l2 = float(alpha), float(beta), float(l2)
@@ -96,7 +98,8 @@ class HybridLoss(nn.Module):
         position = torch.arange(n_c, device=y.device)  # (N_c,) 0-based j
         positive = position[None, :] < watched[:, None]  # (B, N_c)
         negative = position[None, :] == watched[:, None]  # (B, N_c) the skip clip
-        eps = (position + 1).to(y.dtype) / n_c  # (N_c,) eps_j = j / N_c, 1-based
+        eps = ((position + 1).to(y.dtype) / n_c if self.position_weights
+               else torch.ones(n_c, dtype=y.dtype, device=y.device))  # (N_c,) eps_j = j / N_c
         zero = y.new_zeros(())
         pos_terms = torch.where(positive, eps * F.softplus(-y), zero)  # -eps log sig(y)
         neg_terms = torch.where(negative, F.softplus(y), zero)  # -log(1 - sig(y))

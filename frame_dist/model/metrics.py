@@ -2,7 +2,12 @@
 
 Labels are video-level: 1 when the user fully watched the video. Everything is vectorised numpy
 (the ranking metrics sort all users at once with ``np.lexsort``; no Python loop per user).
-Definitions are in docs/model.md.
+Definitions are in docs/model.md, section 6.
+
+Ties: AUC gives a tied (positive, negative) pair one half; Recall@K and NDCG@K tie-average
+(McSherry & Najork, ECIR 2008): videos of one user with equal scores share the mean hit and gain
+of the ranks they occupy, i.e. the expected metric over every order of the tied videos. No metric
+depends on the order of the input rows.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import rankdata
+
+from frame_dist.model.calibration import Calibration
 
 
 class MetricError(ValueError):
@@ -61,13 +68,18 @@ def ranking_metrics(users: np.ndarray, labels: np.ndarray, scores: np.ndarray,
                     ks: Sequence[int] = (3, 5)) -> dict[str, float]:
     """Recall@K and NDCG@K per user over that user's test videos, averaged over users.
 
-    Each user's videos are ranked by descending score (ties keep input order). Users without a
-    positive are skipped. With P_u positives and rel_i the label at (0-based) rank i:
+    Each user's videos are ranked by descending score. Users without a positive are skipped.
+    Tie rule (tie-averaging, McSherry & Najork 2008): the videos of a user with one score form a
+    group g of n_g videos, p_g of them positive, at 0-based ranks [s_g, e_g), e_g = s_g + n_g;
+    each of those ranks holds p_g / n_g of a positive. With P_u positives and
+    D(i) = 1 / log2(i + 2):
 
-    * Recall@K = (hits in the top K) / P_u;
-    * NDCG@K = DCG / IDCG, DCG = sum_{i<K} rel_i / log2(i + 2), IDCG = sum_{i<min(K, P_u)}
-      1 / log2(i + 2).
+    * Recall@K = sum_g (p_g / n_g) |[s_g, e_g) & [0, K)| / P_u;
+    * NDCG@K = DCG / IDCG, DCG = sum_g (p_g / n_g) sum_{i in [s_g, e_g), i < K} D(i),
+      IDCG = sum_{i<min(K, P_u)} D(i).
 
+    Without ties (n_g = 1) these are hits in the top K / P_u and sum_{i<K} rel_i D(i); with
+    ties, the mean over every order of the tied videos. Scores tie when equal as float64.
     Returns ``{"recall@K": ..., "ndcg@K": ..., "ranked_users": n}``.
     """
     y, s = _arrays(labels, scores, "ranking_metrics")
@@ -78,26 +90,33 @@ def ranking_metrics(users: np.ndarray, labels: np.ndarray, scores: np.ndarray,
         raise MetricError(f"ranking_metrics: ks={list(ks)} must be positive")
     if len(u) == 0:
         raise MetricError("ranking_metrics: no samples")
-    order = np.lexsort((np.arange(len(u)), -s, u))  # by user, then score desc, then position
-    u_sorted, rel = u[order], y[order]
+    n = len(u)
+    order = np.lexsort((-s, u))  # by user, then score desc; tied rows in any order
+    u_sorted, s_sorted, rel = u[order], s[order], y[order].astype(np.float64)
     first = np.r_[True, u_sorted[1:] != u_sorted[:-1]]  # (n,) first row of each user
     starts = np.flatnonzero(first)  # (U,)
     group = np.cumsum(first) - 1  # (n,) user group of each sorted row
-    rank = np.arange(len(u)) - starts[group]  # 0-based rank inside the user's list
     n_groups = len(starts)
-    n_pos = np.bincount(group, weights=rel.astype(np.float64), minlength=n_groups)  # (U,)
+    n_pos = np.bincount(group, weights=rel, minlength=n_groups)  # (U,)
     has_pos = n_pos > 0
+    # tie groups: a new one at each user's first row and at each change of score
+    tie_first = first | np.r_[True, s_sorted[1:] != s_sorted[:-1]]  # (n,)
+    tie_starts = np.flatnonzero(tie_first)  # (T,)
+    tie_size = np.diff(np.r_[tie_starts, n])  # (T,) n_g
+    share = np.bincount(np.cumsum(tie_first) - 1, weights=rel,
+                        minlength=len(tie_starts)) / tie_size  # (T,) p_g / n_g
+    tie_user = group[tie_starts]  # (T,)
+    lo = tie_starts - starts[tie_user]  # (T,) s_g, 0-based rank in the user's list
+    hi = lo + tie_size  # (T,) e_g
     out: dict[str, float] = {"ranked_users": int(has_pos.sum())}
-    discount = 1.0 / np.log2(np.arange(len(u)) + 2.0)  # (n,) 1/log2(i+2) for rank i
-    ideal_prefix = np.r_[0.0, np.cumsum(discount)]  # IDCG for P positives: ideal_prefix[P]
+    prefix = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(n) + 2.0))]  # prefix[i] = sum_{j<i} D(j)
     for k in ks:
         k = int(k)
-        top = rank < k
-        hit = rel & top
-        hits = np.bincount(group, weights=hit.astype(np.float64), minlength=n_groups)
-        dcg = np.bincount(group, weights=np.where(hit, discount[rank], 0.0),
+        lo_k, hi_k = np.minimum(lo, k), np.minimum(hi, k)  # the group's ranks inside the top K
+        hits = np.bincount(tie_user, weights=share * (hi_k - lo_k), minlength=n_groups)
+        dcg = np.bincount(tie_user, weights=share * (prefix[hi_k] - prefix[lo_k]),
                           minlength=n_groups)
-        idcg = ideal_prefix[np.minimum(k, n_pos).astype(np.int64)]
+        idcg = prefix[np.minimum(k, n_pos).astype(np.int64)]
         if has_pos.any():
             out[f"recall@{k}"] = float(np.mean(hits[has_pos] / n_pos[has_pos]))
             out[f"ndcg@{k}"] = float(np.mean(dcg[has_pos] / idcg[has_pos]))
@@ -115,14 +134,20 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 def all_metrics(users: np.ndarray, labels: np.ndarray, logits: np.ndarray,
-                ks: Sequence[int] = (3, 5)) -> dict[str, float]:
-    """AUC, Logloss (of sigmoid(logits)) and the ranking metrics of one evaluation set.
+                ks: Sequence[int] = (3, 5), calibration: Calibration | None = None
+                ) -> dict[str, float]:
+    """AUC, Logloss and the ranking metrics of one evaluation set.
 
+    ``logloss`` scores the reported probabilities ``calibration.apply(logits)`` = sigmoid(a y +
+    b) (sigmoid(logits) without a calibration); ``logloss_raw`` scores sigmoid(logits). AUC and
+    the ranking metrics read only the order of the logits, which a calibration (a > 0) keeps.
     AUC is NaN (not an error) when the set holds one class only.
     """
     y, s = _arrays(labels, logits, "all_metrics")
     out: dict[str, float] = {"n": int(len(y)), "positives": int(y.sum())}
     out["auc"] = auc(y, s) if 0 < y.sum() < len(y) else float("nan")
-    out["logloss"] = logloss(y, sigmoid(s))
+    raw = logloss(y, sigmoid(s))
+    out["logloss"] = raw if calibration is None else logloss(y, calibration.apply(s))
+    out["logloss_raw"] = raw
     out.update(ranking_metrics(users, y, s, ks))
     return out

@@ -19,7 +19,7 @@ import signal
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,10 +30,11 @@ import torch
 from feature_store.schemas import SCORES
 from feature_store.store import Part, Store, StoreError, open_filesystem
 from frame_dist.config import Config, ConfigError
-from frame_dist.console import Progress, console_error, quiet_ray_data
+from frame_dist.console import Progress, console_error, quiet_ray_data, route_worker_warnings
 from frame_dist.graph.clip_graph import GraphError, IdMap
 from frame_dist.graph.manifest import GraphManifest
 from frame_dist.graph.shards import read_graph_manifest
+from frame_dist.model.calibration import Calibration
 from frame_dist.model.frame import FRAME
 from frame_dist.score.embeddings import ShardUsers, propagate_shards
 from frame_dist.score.kernel import AUTO_COMPILE_MIN_ELEMENTS, KERNELS, ClipSide, FusedScorer
@@ -59,7 +60,7 @@ class ScoreError(RuntimeError):
 class ScoringInputs:
     """What the driver hands the scoring actors (:func:`prepare_scoring`): nothing per user."""
 
-    clip_side: ClipSide  # T_c of every candidate, w, beta
+    clip_side: ClipSide  # T_c of every candidate, w, beta, the model's aggregation
     video_ids: pa.Array  # (V,) string, the candidates in global video order
     user_chunks: list[Any]  # ObjectRefs of CHUNK_SCHEMA tables: the chunks still to score
     identity: dict[str, Any]  # what makes two result sets comparable (docs/score.md)
@@ -68,6 +69,7 @@ class ScoringInputs:
     n_chunks: int  # every chunk of the run (scored or not)
     shard_tasks: int = 0  # Ray tasks that computed the embeddings
     bytes_from_tasks: int = 0  # what the shard tasks sent the driver (the clip side only)
+    calibration: Calibration = field(default_factory=Calibration)  # model.pt's: probability
 
 
 def read_candidates(path: str, store: Store, videos: IdMap) -> np.ndarray:
@@ -142,6 +144,8 @@ def plan_scoring(cfg: Config, store: Store) -> ScoringPlan:
         "exclude_seen": s.exclude_seen,
         "candidates": candidate_identity,
         "users_per_chunk": s.users_per_chunk,  # defines the chunk ids (with the graph)
+        # the probability column's map (model.pt's; a table from before it is scored again)
+        "calibration": saved.calibration.to_dict(),
     }
     # chunk (k, b): users b * U .. (b + 1) * U - 1 of shard k, numbered shard after shard
     per_shard = [-(-shard.users // s.users_per_chunk) for shard in manifest.shards]
@@ -212,7 +216,8 @@ def prepare_scoring(cfg: Config, store: Store, plan: ScoringPlan | None = None,
     return ScoringInputs(clip_side, pc.take(video_ids, pa.array(candidates)), refs,
                          plan.identity, n_users=whole.manifest.n_users,
                          cold_users=whole.cold_users, n_chunks=plan.n_chunks,
-                         shard_tasks=whole.tasks, bytes_from_tasks=whole.bytes_from_tasks)
+                         shard_tasks=whole.tasks, bytes_from_tasks=whole.bytes_from_tasks,
+                         calibration=plan.saved.calibration)
 
 
 # --------------------------------------------------------------------------- Ray Data actors
@@ -271,8 +276,10 @@ def chunk_tables(user_ids: list[str], z_u: np.ndarray,
 
 
 def top_k_table(user_ids: pa.Array, values: np.ndarray, positions: np.ndarray,
-                video_ids: pa.Array) -> pa.Table:
-    """SCORES rows of a top-k result (U, k'); -inf entries (no candidate left) are dropped."""
+                video_ids: pa.Array, calibration: Calibration | None = None) -> pa.Table:
+    """SCORES rows of a top-k result (U, k'); -inf entries (no candidate left) are dropped.
+
+    ``probability`` = ``calibration.apply(score)`` (sigmoid(score) without one)."""
     valid = np.isfinite(values)  # a prefix of every row: topk sorts descending
     per_user = valid.sum(1)
     rank = np.broadcast_to(np.arange(1, values.shape[1] + 1, dtype=np.int32), values.shape)
@@ -281,6 +288,8 @@ def top_k_table(user_ids: pa.Array, values: np.ndarray, positions: np.ndarray,
         pa.array(rank[valid], pa.int32()),
         pc.take(video_ids, pa.array(positions[valid])),
         pa.array(values[valid].astype(np.float32), pa.float32()),
+        pa.array((calibration or Calibration()).apply(values[valid]).astype(np.float32),
+                 pa.float32()),
     ], schema=SCORES)
 
 
@@ -296,15 +305,18 @@ class ScoreChunks:
                  use_gpu: bool, videos_per_block: int):
         import ray
 
+        route_worker_warnings()  # ours (the compiled kernel's fallback) on the job's console
         side = ray.get(clip_side["ref"])
         with warnings.catch_warnings():  # object-store arrays are read-only; never written
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             t_c = torch.from_numpy(side["clip_thresholds"])
             w = torch.from_numpy(side["out_weight"])
-        self.scorer = FusedScorer(t_c, w, side["out_bias"], kernel=kernel,
-                                  device="cuda" if use_gpu else "cpu",
+        self.scorer = FusedScorer(t_c, w, side["out_bias"],
+                                  aggregation=side.get("aggregation", "mean"),  # older: mean
+                                  kernel=kernel, device="cuda" if use_gpu else "cpu",
                                   videos_per_block=videos_per_block)
         self.video_ids = side["video_ids"]
+        self.calibration = Calibration.from_dict(side["calibration"], "score: calibration")
         self.top_k = top_k
         self.table = store.table(SCORES_TABLE)
 
@@ -320,7 +332,7 @@ class ScoreChunks:
                     torch.from_numpy(np.frombuffer(row["seen_positions"], np.int64).copy()))
             values, positions = self.scorer.top_k(z_u, self.top_k, seen)
             rows = top_k_table(user_ids, values.cpu().numpy(), positions.cpu().numpy(),
-                               self.video_ids)
+                               self.video_ids, self.calibration)
             part = self.table.write_part(rows, {"chunks": [row["chunk"]],
                                                 "users": len(user_ids)})
             out.append({"chunk": row["chunk"], "part_path": part.path, "part_rows": part.rows,
@@ -435,7 +447,8 @@ def run_scoring(cfg: Config, store: Store, *, inputs: ScoringInputs | None = Non
     t = inputs.clip_side
     clip_side = {"ref": ray.put({
         "clip_thresholds": t.clip_thresholds.numpy(), "out_weight": t.out_weight.numpy(),
-        "out_bias": t.out_bias, "video_ids": inputs.video_ids})}
+        "out_bias": t.out_bias, "aggregation": t.aggregation, "video_ids": inputs.video_ids,
+        "calibration": inputs.calibration.to_dict()})}
     quiet_ray_data()
     ds = ray.data.from_arrow_refs(inputs.user_chunks)  # made by the shard tasks
     ds = ds.map_batches(

@@ -8,10 +8,11 @@ for the run too):
 * Ray Train checkpoints (:class:`Checkpoint`): the DeepSpeed engine's state under the tag
   :data:`STATE_TAG` with the loop's :class:`TrainState` as its client state, and the best
   weights so far in :data:`BEST_FILE`.
-* ``metrics.json`` (:class:`RunMetrics`): test metrics of the best weights, the per-epoch
-  history, step counters.
-* ``model.pt`` (:class:`SavedModel`): model arguments, best weights and the training config;
-  loadable with ``torch.load(weights_only=True)``, so FRAME is rebuilt from this file alone.
+* ``metrics.json`` (:class:`RunMetrics`): test and validation metrics of the best weights
+  (calibrated), their calibration, the per-epoch history, step counters.
+* ``model.pt`` (:class:`SavedModel`): model arguments, best weights, their calibration (Platt
+  scaling, ``frame_dist.model.calibration``) and the training config; loadable with
+  ``torch.load(weights_only=True)``, so FRAME is rebuilt from this file alone.
 
 * ``model_card.md`` (:class:`ModelCard`): a Hugging Face style card beside model.pt (YAML
   header: model, N_c, data fingerprint, metrics; the command that trains the run again),
@@ -38,6 +39,7 @@ import yaml
 from torch import Tensor
 
 from feature_store.store import Store, StoreError
+from frame_dist.model.calibration import Calibration
 from frame_dist.model.frame import FRAME
 from frame_dist.train.safe_load import safe_load
 
@@ -154,38 +156,46 @@ class Checkpoint:
 class RunMetrics:
     """``metrics.json``: what a finished run measured (the keys are the file's)."""
 
-    test: dict[str, float]  # metrics of the best weights on the test split
+    test: dict[str, float]  # metrics of the best weights on the test split, calibrated
     best_epoch: int
-    valid: dict[str, float]  # validation metrics of the best epoch
+    valid: dict[str, float]  # validation metrics of the best weights, calibrated
     global_step: int
     epochs_run: int
     resumed_at_steps: list[int]
-    history: list[dict[str, Any]]  # one loop.EpochRecord dict per epoch
+    history: list[dict[str, Any]]  # one loop.EpochRecord dict per epoch (before calibration)
     n_clips: int
     workers: int
     fingerprint: str
+    calibration: Calibration = field(default_factory=Calibration)  # as in model.pt
 
     FILE = "metrics.json"
 
     @classmethod
     def from_state(cls, state: TrainState, test: dict[str, float], n_clips: int,
-                   workers: int) -> RunMetrics:
-        return cls(test=test, best_epoch=state.best_epoch, valid=state.best_valid,
+                   workers: int, calibration: Calibration | None = None,
+                   valid: dict[str, float] | None = None) -> RunMetrics:
+        """``valid``: the best weights' calibrated validation metrics (default: the best
+        epoch's, uncalibrated)."""
+        return cls(test=test, best_epoch=state.best_epoch,
+                   valid=state.best_valid if valid is None else valid,
                    global_step=state.global_step, epochs_run=len(state.history),
                    resumed_at_steps=list(state.resumes), history=state.history,
-                   n_clips=n_clips, workers=workers, fingerprint=state.fingerprint)
+                   n_clips=n_clips, workers=workers, fingerprint=state.fingerprint,
+                   calibration=calibration or Calibration())
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # calibration as {"a": ..., "b": ...}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunMetrics:
+        """The file's content; a run from before calibration reads as the identity."""
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - {"calibration"})
         if missing:
             raise StoreError(f"metrics.json lacks {missing}: written by an older frame-dist? "
                              "Train the run again")
-        return cls(**{k: data[k] for k in names})
+        calibration = Calibration.from_dict(data.get("calibration"), "metrics.json")
+        return cls(**{k: data[k] for k in names - {"calibration"}}, calibration=calibration)
 
     @classmethod
     def read(cls, store: Store, run_name: str) -> RunMetrics | None:
@@ -201,22 +211,26 @@ class RunMetrics:
 
 @dataclass
 class SavedModel:
-    """``model.pt``: FRAME's constructor arguments, its weights and the config that trained it.
+    """``model.pt``: FRAME's constructor arguments, its weights, their calibration and the
+    config that trained it.
 
-    Plain tensors, dicts and scalars only, so ``torch.load(weights_only=True)`` reads it.
+    Plain tensors, dicts and scalars only, so ``torch.load(weights_only=True)`` reads it. A file
+    without ``calibration`` (a run from before it) reads as the identity, p = sigmoid(y).
     """
 
     model_args: dict[str, Any]
     state_dict: dict[str, Tensor]
     config: dict[str, Any]  # Config.to_dict() of the training run
     sha256: str = ""  # of the file's bytes (set by :meth:`read`): the model's identity
+    calibration: Calibration = field(default_factory=Calibration)  # P = sigmoid(a y + b)
 
     FILE = "model.pt"
 
     @classmethod
-    def from_model(cls, model: FRAME, config: dict[str, Any]) -> SavedModel:
+    def from_model(cls, model: FRAME, config: dict[str, Any],
+                   calibration: Calibration | None = None) -> SavedModel:
         return cls(model.model_args(), {k: v.cpu() for k, v in model.state_dict().items()},
-                   config)
+                   config, calibration=calibration or Calibration())
 
     @property
     def n_clips(self) -> int:
@@ -232,7 +246,7 @@ class SavedModel:
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         torch.save({"model_args": self.model_args, "state_dict": self.state_dict,
-                    "config": self.config}, buffer)
+                    "config": self.config, "calibration": self.calibration.to_dict()}, buffer)
         return buffer.getvalue()
 
     def write(self, store: Store, run_name: str) -> None:
@@ -246,8 +260,9 @@ class SavedModel:
                              f"(train.run_name={run_name})")
         data = store.read_bytes(path)
         saved = safe_load(io.BytesIO(data), store.uri(path))
+        calibration = Calibration.from_dict(saved.get("calibration"), store.uri(path))
         return cls(saved["model_args"], saved["state_dict"], saved["config"],
-                   sha256=hashlib.sha256(data).hexdigest())
+                   sha256=hashlib.sha256(data).hexdigest(), calibration=calibration)
 
 
 # --------------------------------------------------------------------------- model_card.md
@@ -265,8 +280,9 @@ class ModelCard:
     Hugging Face style: a YAML header between ``---`` lines (:meth:`parse_header`) carrying
     ``model_name``, ``run_name``, ``n_clips``, ``data_fingerprint`` (the graph's
     ``GraphManifest.fingerprint``), ``run_fingerprint``, ``model_config``, ``metrics`` (``model``,
-    ``oracle``, ``baselines``: a {metric: value} mapping, or "not measured") and ``reproduce``
-    (a ``python -m jobs.pipeline`` line), then markdown for people. The train stage writes it
+    ``oracle``, ``baselines``: a {metric: value} mapping, or "not measured"), ``calibration``
+    (``{a, b}``: P(full watch) = sigmoid(a y + b)) and ``reproduce`` (a ``python -m
+    jobs.pipeline`` line), then markdown for people. The train stage writes it
     beside model.pt with metrics.json's test metrics; the evaluate stage writes it again with
     evaluation.json's (the model's and, where the data has a truth, the oracle's).
     """
@@ -310,8 +326,14 @@ class ModelCard:
             "metrics": {"source": self._source(), "model": self._model_metrics(),
                         "oracle": (self.evaluation or {}).get("oracle", NOT_MEASURED),
                         "baselines": NOT_MEASURED},
+            "calibration": self._calibration(),
             "reproduce": reproduce_command(self.config),
         })
+
+    def _calibration(self) -> dict[str, float] | str:
+        if self.evaluation is not None and "calibration" in self.evaluation:
+            return self.evaluation["calibration"]
+        return self.metrics.calibration.to_dict() if self.metrics else NOT_MEASURED
 
     def _source(self) -> str:
         if self.evaluation is not None:
@@ -355,6 +377,7 @@ class ModelCard:
             "probabilities (the ceiling on this data); baselines are not part of a run "
             "(benchmarks/quality.py measures one).", "",
             *_metrics_table(metrics, oracle_why), "",
+            _calibration_line(head["calibration"]), "",
             "## Reproduce", "",
             "```bash", head["reproduce"], "```", "",
             "or with the run's resolved config (copy it first when the store is on S3):", "",
@@ -389,13 +412,25 @@ class ModelCard:
 
 def reproduce_command(config: dict[str, Any]) -> str:
     """``python -m jobs.pipeline`` with an override for every setting that differs from the
-    defaults: loading those overrides gives ``config`` back."""
+    defaults: loading those overrides gives ``config`` back, but for
+
+    * a synthetic-world run: ``world.preset`` and ``world.seed`` always, never the world's
+      generated files (``ingest.interactions`` / ``ingest.videos``, which the pipeline points at
+      them): the command generates the same world;
+    * the tracking section: where results are logged, not what they are.
+    """
     from frame_dist.config import load_config
+    from frame_dist.ingest.world import from_world
 
     defaults = load_config(None, []).to_dict()
+    world = from_world(config)
+    keep = {("world", "preset"), ("world", "seed")} if world else set()
+    generated = {("ingest", "interactions"), ("ingest", "videos")} if world else set()
     args = [shlex.quote(f"{section}.{name}={_yaml_scalar(value)}")
-            for section, fields in config.items() for name, value in fields.items()
-            if value != defaults.get(section, {}).get(name)]
+            for section, fields in config.items() if section != "tracking"
+            for name, value in fields.items()
+            if (section, name) not in generated
+            and ((section, name) in keep or value != defaults.get(section, {}).get(name))]
     return " ".join(["python -m jobs.pipeline", *args])
 
 
@@ -406,11 +441,21 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def _source_of(cfg: dict[str, Any]) -> str:
+    from frame_dist.ingest.world import from_world
+
     ingest = cfg["ingest"]
-    if not ingest["interactions"]:
+    if from_world(cfg):
         return f"the synthetic world (preset {cfg['world']['preset']}, seed {cfg['world']['seed']})"
     truth = f", truth column `{ingest['truth_column']}`" if ingest.get("truth_column") else ""
     return f"`{ingest['interactions']}` (preset `{ingest['preset']}`{truth})"
+
+
+def _calibration_line(calibration: dict[str, float] | str) -> str:
+    if not isinstance(calibration, dict):
+        return f"Calibration: {NOT_MEASURED}."
+    return (f"Probabilities: P(full watch) = sigmoid(a y + b) of the model's logit y, a = "
+            f"{calibration['a']:.4g}, b = {calibration['b']:.4g} (Platt scaling on the validation "
+            "split); `logloss` scores them, `logloss_raw` scores sigmoid(y).")
 
 
 def _metrics_table(metrics: dict[str, Any], oracle_why: str) -> list[str]:

@@ -4,7 +4,8 @@
 permutation of the N training interactions from ``default_rng(train.seed)``, cut into global
 batches of B), the per-epoch history (:class:`EpochRecord`), early stopping on validation AUC
 (the best AUC starts at -inf; ``train.patience`` epochs without a better one stop the run), the
-best weights, and the final test pass with them. State in, state out (:class:`TrainState`), so
+best weights, their calibration (Platt scaling on the validation split, fitted once training
+ends) and the final test pass with both. State in, state out (:class:`TrainState`), so
 a Ray Train worker resumes mid-epoch from a checkpoint.
 
 What differs comes in as :class:`LoopHooks`: how a process takes its part of a global batch, the
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from frame_dist.config import TrainConfig
+from frame_dist.model.calibration import Calibration
 from frame_dist.model.loss import InteractionBatch
 from frame_dist.train.artifacts import TrainState
 
@@ -176,7 +178,8 @@ class LoopHooks:
     model: nn.Module  # the weights being trained (best weights: CPU copies of its state)
     batch: Callable[[np.ndarray], InteractionBatch]  # this process's part of a global batch
     step: StepFn  # torch_step or engine_step
-    evaluate: Callable[[str], dict[str, float]]  # split -> metrics over every process's pairs
+    # (split, calibration or None) -> metrics over every process's pairs, fp32 logits
+    evaluate: Callable[[str, Calibration | None], dict[str, float]]
     label_counts: Callable[[str], tuple[int, int]]  # split -> (rows, full watches), all
     world: int = 1  # processes sharing each global batch
     all_reduce: Callable[[Tensor], Tensor] = _identity  # sum over the processes
@@ -186,6 +189,9 @@ class LoopHooks:
     # checkpoint (and report): after every epoch and every train.checkpoint_every_steps steps
     save: Callable[[TrainState, dict[str, Tensor], dict[str, Any]], None] | None = None
     log: Callable[[str], None] | None = None
+    # after the last epoch, on the best weights: Platt fit on the validation logits, and the
+    # validation metrics under it (None: the identity, the best epoch's metrics)
+    calibrate: Callable[[], tuple[Calibration, dict[str, float]]] | None = None
 
 
 @dataclass
@@ -193,6 +199,8 @@ class FitResult:
     state: TrainState  # history, best epoch, counters
     best_weights: dict[str, Tensor]  # CPU state dict of the best epoch (loaded in the model)
     test: dict[str, float]  # the best weights on the test split ({}: no test pass)
+    calibration: Calibration = dataclasses.field(default_factory=Calibration)
+    valid: dict[str, float] = dataclasses.field(default_factory=dict)  # best weights, calibrated
 
 
 def fit(hooks: LoopHooks, cfg: TrainConfig, n_train: int, state: TrainState | None = None,
@@ -203,8 +211,9 @@ def fit(hooks: LoopHooks, cfg: TrainConfig, n_train: int, state: TrainState | No
     Every epoch: global batches of ``cfg.batch_size`` in the order of :func:`epoch_permutation`
     (at most :func:`steps_per_epoch`), then validation (``validate``). The best epoch is the one
     of the highest validation AUC (the last one without validation); ``cfg.patience`` epochs
-    without a better AUC stop the run. ``test``: the best weights on the test split at the end
-    ({} when that split cannot rank).
+    without a better AUC stop the run. Then, on the best weights, ``hooks.calibrate`` (with
+    ``validate``) and ``test``: the best weights on the test split under that calibration ({}
+    when that split cannot rank).
     """
     if n_train == 0:
         raise ValueError("train: no training interactions")
@@ -235,7 +244,7 @@ def fit(hooks: LoopHooks, cfg: TrainConfig, n_train: int, state: TrainState | No
         sent = hooks.sent_bytes()
         train_seconds = time.perf_counter() - start
         totals = hooks.all_reduce(totals)
-        valid = hooks.evaluate("valid") if validate else None
+        valid = hooks.evaluate("valid", None) if validate else None
         ran = steps - first
         record = EpochRecord(epoch=epoch, **{k: float(v) / max(seen, 1)
                                              for k, v in zip(LOSS_KEYS, totals.tolist())},
@@ -262,14 +271,17 @@ def fit(hooks: LoopHooks, cfg: TrainConfig, n_train: int, state: TrainState | No
                                      **{f"valid_{k}": v for k, v in (valid or {}).items()}})
 
     hooks.model.load_state_dict(best)
+    calibration, valid_metrics = Calibration(), dict(state.best_valid)
+    if validate and hooks.calibrate is not None:
+        calibration, valid_metrics = hooks.calibrate()
     test_metrics: dict[str, float] = {}
     if test:
         rows, positives = hooks.label_counts("test")
         if 0 < positives < rows:
-            test_metrics = hooks.evaluate("test")
+            test_metrics = hooks.evaluate("test", calibration)
         elif hooks.log is not None:
             hooks.log(f"test split: {rows} row(s), {positives} full watch(es): nothing to rank")
-    return FitResult(state, best, test_metrics)
+    return FitResult(state, best, test_metrics, calibration, valid_metrics)
 
 
 def _epoch_line(r: EpochRecord) -> str:

@@ -4,19 +4,22 @@ The Ray and DeepSpeed touchpoints all live here:
 
 * ``run_training(cfg, store)`` (driver): checks the graph and the validation split before any
   worker starts (:func:`check_trainable`, :func:`check_validation_split`), claims the run
-  (``run.json``), then runs a ``TorchTrainer`` with W workers (gloo on CPU, NCCL on GPU) and
+  (``run.json``), opens the run's MLflow run when tracking is on (``frame_dist.tracking``),
+  then runs a ``TorchTrainer`` with W workers (gloo on CPU, NCCL on GPU) and
   ``FailureConfig(max_failures)``; the run lives in ``run_dir(train.run_name)``, so launching
   a finished or crashed run again with the same name resumes it from its latest checkpoint.
 * ``train_loop_per_worker(config)`` (each worker): loads only its graph shard(s) and the clip
   features of its own videos, builds FRAME with :class:`DistributedPropagation`, wraps the
   model + loss in a DeepSpeed engine (Adam, gradient clipping, ZeRO stage 0/1/2) and runs the
   shared loop (``frame_dist.train.loop.fit``: epochs, validation, early stopping on AUC, the
-  final test pass) with its hooks: its share of every global batch, the engine's step, the
-  evaluation of every worker's pairs gathered, and a checkpoint (DeepSpeed state + the loop's
+  calibration on the validation split, the final test pass) with its hooks: its share of
+  every global batch, the engine's step, the evaluation of every worker's pairs gathered, the
+  calibration fitted alike on every worker, and a checkpoint (DeepSpeed state + the loop's
   state + best weights, ``frame_dist.train.artifacts.Checkpoint``) reported to Ray Train every
   epoch and every ``checkpoint_every_steps`` steps. Rank 0 writes ``model.pt``,
   ``metrics.json`` and ``model_card.md`` (``artifacts.SavedModel``, ``artifacts.RunMetrics``,
-  ``artifacts.ModelCard``).
+  ``artifacts.ModelCard``) and, with tracking on, logs every epoch, the test metrics and those
+  files to MLflow (``tracking.RunLogger``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -34,7 +37,12 @@ import torch.distributed as dist
 
 from feature_store.store import Store
 from frame_dist.config import Config, ConfigError, EvaluateConfig, from_dict
-from frame_dist.console import Progress, drain_worker_output, worker_line
+from frame_dist.console import (
+    Progress,
+    drain_worker_output,
+    route_worker_warnings,
+    worker_line,
+)
 from frame_dist.graph.manifest import GraphManifest
 from frame_dist.graph.shards import (
     check_graph,
@@ -42,8 +50,10 @@ from frame_dist.graph.shards import (
     load_shards,
     split_label_counts,
 )
+from frame_dist.model.calibration import Calibration
 from frame_dist.model.distributed import DistributedPropagation
 from frame_dist.model.frame import FRAME
+from frame_dist.tracking import RunLogger, TrackedRun, open_run
 from frame_dist.train.artifacts import (
     RUNS,
     STATE_TAG,
@@ -64,7 +74,14 @@ from frame_dist.train.loop import (
     optimizer_state_bytes,
 )
 from frame_dist.train.safe_load import UnsafeCheckpointError, use_safe_loading
-from frame_dist.train.trainer import Pairs, autocast_for, build_loss, build_model, evaluate
+from frame_dist.train.trainer import (
+    Pairs,
+    autocast_for,
+    build_loss,
+    build_model,
+    calibrate,
+    evaluate,
+)
 from frame_dist.train.worker_data import WorkerData
 
 
@@ -133,12 +150,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    route_worker_warnings()  # ours (bf16 on this CPU, tracking) on the job's console, once
     cfg = from_dict(loop_config["config"]).validate()
     if loop_config.get("cpus_per_worker"):
         torch.set_num_threads(loop_config["cpus_per_worker"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # MLflow: rank 0 only (the driver opened the run; None when tracking is off)
+    tracker = RunLogger(TrackedRun(**loop_config["tracking"])
+                        if rank == 0 and loop_config.get("tracking") else None)
     store = Store.from_config(cfg.store)
     n_clips = cfg.graph.n_clips
 
@@ -201,6 +222,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 checkpoint.write_weights(tmp)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if state.step == 0 and state.history:  # the end of an epoch (not a mid-epoch save)
+            tracker.epoch(state.history[-1])
 
     def all_reduce(sums: torch.Tensor) -> torch.Tensor:
         if world > 1:
@@ -220,8 +243,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model=model,
         batch=lambda positions: data.local_batch(positions, cfg.train.batch_size, world, device),
         step=engine_step(engine, autocast),
-        evaluate=lambda split: evaluate_split(model, data, split, cfg.evaluate,
-                                              cfg.train.precision),
+        evaluate=lambda split, calibration: evaluate_split(model, data, split, cfg.evaluate,
+                                                           calibration),
+        calibrate=lambda: calibrate_valid(model, data, cfg.evaluate),
         label_counts=label_counts, world=world, all_reduce=all_reduce, begin_epoch=begin_epoch,
         sent_bytes=propagation.reset_bytes,
         # ZeRO wraps torch's optimizer
@@ -230,20 +254,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         save=save, log=lambda message: _log(rank, message))
     result = fit(hooks, cfg.train, data.n_train_global, state, best, validate=True, test=True)
     if rank == 0:
-        write_outputs(cfg, store, model, result.state, result.test)
+        write_outputs(cfg, store, model, result.state, result.test, result.calibration,
+                      result.valid)
+        tracker.finished(result.test, store, cfg.train.run_name)
     ray.train.report({"test_" + k: v for k, v in result.test.items()} |
                      {"global_step": result.state.global_step})
 
 
 def evaluate_split(model: FRAME, data: WorkerData, split: str, settings: EvaluateConfig,
-                   precision: str) -> dict[str, float]:
-    """Metrics of ``split`` over every worker's pairs: each worker scores its own rows
+                   calibration: Calibration | None = None) -> dict[str, float]:
+    """Metrics of ``split`` over every worker's pairs: each worker scores its own rows in fp32
     (``trainer.evaluate``: one propagation, then ``settings.batch_size`` pairs at a time), the
     (global user, label, logit) arrays are gathered, and every worker computes the metrics."""
     users, videos, labels = data.eval_sets[split]
     return evaluate(model, data.clip_features, data.graph, users, videos, labels, settings.ks,
-                    settings.batch_size, precision, rank_users=data.user_rows[users],
-                    gather=gather_pairs)
+                    settings.batch_size, rank_users=data.user_rows[users], gather=gather_pairs,
+                    calibration=calibration)
+
+
+def calibrate_valid(model: FRAME, data: WorkerData, settings: EvaluateConfig
+                    ) -> tuple[Calibration, dict[str, float]]:
+    """``trainer.calibrate`` on every worker's validation pairs, gathered: every worker fits
+    the same arrays, so all hold the same calibration."""
+    users, videos, labels = data.eval_sets["valid"]
+    return calibrate(model, data.clip_features, data.graph, users, videos, labels, settings.ks,
+                     settings.batch_size, rank_users=data.user_rows[users], gather=gather_pairs)
 
 
 def gather_pairs(pairs: Pairs) -> Pairs:
@@ -257,12 +292,15 @@ def gather_pairs(pairs: Pairs) -> Pairs:
 
 
 def write_outputs(cfg: Config, store: Store, model: FRAME, state: TrainState,
-                  test: dict[str, float]) -> None:
-    """model.pt (arguments + best weights + config), metrics.json, config.yaml and
-    model_card.md of the run."""
+                  test: dict[str, float], calibration: Calibration | None = None,
+                  valid: dict[str, float] | None = None) -> None:
+    """model.pt (arguments + best weights + calibration + config), metrics.json, config.yaml
+    and model_card.md of the run. ``valid``: the calibrated validation metrics (default: the
+    best epoch's)."""
     name = cfg.train.run_name
-    SavedModel.from_model(model, cfg.to_dict()).write(store, name)
-    RunMetrics.from_state(state, test, cfg.graph.n_clips, cfg.train.workers).write(store, name)
+    SavedModel.from_model(model, cfg.to_dict(), calibration).write(store, name)
+    RunMetrics.from_state(state, test, cfg.graph.n_clips, cfg.train.workers, calibration,
+                          valid).write(store, name)
     store.write_bytes_atomic(run_path(name, "config.yaml"), cfg.to_yaml().encode())
     ModelCard.for_run(store, name, cfg.to_dict()).write(store)  # the evaluate stage redoes it
 
@@ -284,7 +322,21 @@ def run_training(cfg: Config, store: Store, run: TrainableRun | None = None) -> 
     run = run if run is not None else check_trainable(cfg, store)
     check_validation_split(store, run.manifest)
     claim_run(cfg, store, run.fingerprint)
+    tracked = open_run(cfg, store)  # the MLflow run (None: tracking off)
+    try:
+        metrics = _fit(cfg, store, run, tracked)
+    except BaseException:
+        if tracked is not None:
+            tracked.finish(ok=False)
+        raise
+    if tracked is not None:
+        tracked.finish(ok=True)
+        print(f"train: logged to MLflow: {tracked.where()}")
+    return metrics
 
+
+def _fit(cfg: Config, store: Store, run: TrainableRun, tracked: TrackedRun | None
+         ) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -302,7 +354,8 @@ def run_training(cfg: Config, store: Store, run: TrainableRun | None = None) -> 
         train_loop_config={"config": {**cfg.to_dict(),
                                       "store": {**cfg.to_dict()["store"], "root": store.root}},
                            "cpus_per_worker": None if use_gpu else cpus,
-                           "fingerprint": run.fingerprint},
+                           "fingerprint": run.fingerprint,
+                           "tracking": asdict(tracked) if tracked else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus}),

@@ -2,10 +2,12 @@
 
 ``train(...)`` runs the shared loop (``frame_dist.train.loop.fit``: epochs, early stopping on
 validation AUC, history, best weights) with a plain torch Adam step on one process and returns
-the history and the best weights. ``evaluate(...)`` computes the paper's metrics for any set of
-(user, video, full-watch label) triples: the one evaluation path of the trainer, the Ray Train
-workers (their pairs gathered) and the evaluate stage. The distributed trainer reuses the same
-pieces (``build_model``, ``build_loss``, ``FRAMETrainTask``, ``evaluate``, ``autocast_for``).
+the history, the best weights and their calibration. ``evaluate(...)`` computes the paper's
+metrics for any set of (user, video, full-watch label) triples from fp32 logits: the one
+evaluation path of the trainer, the Ray Train workers (their pairs gathered) and the evaluate
+stage; ``calibrate(...)`` fits Platt scaling on the same logits. The distributed trainer reuses
+the same pieces (``build_model``, ``build_loss``, ``FRAMETrainTask``, ``evaluate``,
+``calibrate``, ``autocast_for``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from frame_dist.config import (
     TrainConfig,
     bf16_activations,
 )
+from frame_dist.console import FrameDistWarning
 from frame_dist.graph.clip_graph import Interactions, clip_labels
+from frame_dist.model.calibration import Calibration, fit_platt
 from frame_dist.model.distributed import DistributedPropagation
 from frame_dist.model.frame import FRAME
 from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch
@@ -81,10 +85,11 @@ class TrainResult:
     history: list[dict[str, Any]]  # one entry per epoch: losses, seconds, validation metrics
     best_state: dict[str, Tensor]  # model state dict (CPU) of the best validation AUC
     best_epoch: int  # 1-based epoch of best_state
-    best_metrics: dict[str, float] = field(default_factory=dict)  # validation metrics then
+    best_metrics: dict[str, float] = field(default_factory=dict)  # validation, calibrated
     stopped_early: bool = False
     state: TrainState = field(default_factory=TrainState)  # the loop's final state
     test: dict[str, float] = field(default_factory=dict)  # best weights on test_data ({}: none)
+    calibration: Calibration = field(default_factory=Calibration)  # fitted on valid_data
 
 
 def build_model(cfg: ModelConfig, n_clip_features: int, n_clips_total: int | None = None,
@@ -105,7 +110,8 @@ def build_model(cfg: ModelConfig, n_clip_features: int, n_clips_total: int | Non
     model = FRAME(n_clip_features, dim=cfg.dim, hidden=cfg.hidden, a_pos=cfg.a_pos,
                   a_neg=cfg.a_neg, use_negative=cfg.use_negative, enhance=cfg.enhance,
                   use_visual=cfg.use_visual, n_clips_total=n_clips_total,
-                  trainable_clip_features=cfg.trainable_clip_features, propagation=propagation)
+                  trainable_clip_features=cfg.trainable_clip_features,
+                  aggregation=cfg.aggregation, propagation=propagation)
     if cfg.trainable_clip_features:
         model.init_clip_features(torch.as_tensor(clip_features))
     return model
@@ -114,7 +120,7 @@ def build_model(cfg: ModelConfig, n_clip_features: int, n_clips_total: int | Non
 def build_loss(cfg: TrainConfig, model_cfg: ModelConfig) -> HybridLoss:
     """Eq. 16 weights from the config. Without negatives the pair-wise loss is off (Table 6)."""
     return HybridLoss(alpha=cfg.alpha, beta=cfg.beta if model_cfg.use_negative else 0.0,
-                      l2=cfg.l2)
+                      l2=cfg.l2, position_weights=cfg.position_weights)
 
 
 def resolve_device(use_gpu: bool | None) -> torch.device:
@@ -157,7 +163,7 @@ def autocast_for(device: torch.device | str, precision: Precision = "auto") -> t
     if dtype is not None and device.type == "cpu" and not cpu_has_bf16():
         warnings.warn("train.precision='bf16' on a CPU without bf16 instructions (AVX512-BF16 "
                       "or AMX-BF16): it runs, but emulated and likely slower than "
-                      "train.precision='fp32'", RuntimeWarning, stacklevel=2)
+                      "train.precision='fp32'", FrameDistWarning, stacklevel=2)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
@@ -191,23 +197,57 @@ def predict(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
 Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ranking user, label, logit) per pair
 
 
+def scored_pairs(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
+                 users: np.ndarray, videos: np.ndarray, labels: np.ndarray,
+                 batch_size: int = 8192, rank_users: np.ndarray | None = None,
+                 gather: Callable[[Pairs], Pairs] | None = None) -> Pairs:
+    """(ranking user, label, fp32 logit) of every pair, every process's joined by ``gather``.
+
+    Always fp32, whatever ``train.precision``: bf16 logits (8 mantissa bits) would tie many
+    pairs and move the metrics away from the evaluate stage's.
+    """
+    logits = predict(model, clip_features, graph, users, videos, batch_size, "fp32")
+    pairs = (np.asarray(users if rank_users is None else rank_users), np.asarray(labels),
+             logits)
+    return gather(pairs) if gather is not None else pairs
+
+
 def evaluate(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
              users: np.ndarray, videos: np.ndarray, labels: np.ndarray,
              ks: Sequence[int] = (3, 5), batch_size: int = 8192,
-             precision: Precision = "fp32", rank_users: np.ndarray | None = None,
-             gather: Callable[[Pairs], Pairs] | None = None) -> dict[str, float]:
+             rank_users: np.ndarray | None = None,
+             gather: Callable[[Pairs], Pairs] | None = None,
+             calibration: Calibration | None = None) -> dict[str, float]:
     """AUC, Logloss, Recall@K and NDCG@K of the model on (user, video, full-watch) triples.
 
-    Logits by :func:`predict` (``FRAME.score_pairs``). ``rank_users`` (n,): the user id the
-    ranking metrics group by (default ``users``; a worker passes its rows' global indices);
-    ``gather``: joins every process's (user, label, logit) arrays before the metrics.
+    fp32 logits by :func:`scored_pairs` (``FRAME.score_pairs``). ``rank_users`` (n,): the user
+    id the ranking metrics group by (default ``users``; a worker passes its rows' global
+    indices); ``gather``: joins every process's (user, label, logit) arrays before the metrics;
+    ``calibration``: the model's, applied to ``logloss`` (``logloss_raw``: of sigmoid(y)).
     """
-    logits = predict(model, clip_features, graph, users, videos, batch_size, precision)
-    pairs = (np.asarray(users if rank_users is None else rank_users), np.asarray(labels),
-             logits)
-    if gather is not None:
-        pairs = gather(pairs)
-    return all_metrics(*pairs, ks)
+    pairs = scored_pairs(model, clip_features, graph, users, videos, labels, batch_size,
+                         rank_users, gather)
+    return all_metrics(*pairs, ks, calibration)
+
+
+def calibrate(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
+              users: np.ndarray, videos: np.ndarray, labels: np.ndarray,
+              ks: Sequence[int] = (3, 5), batch_size: int = 8192,
+              rank_users: np.ndarray | None = None,
+              gather: Callable[[Pairs], Pairs] | None = None
+              ) -> tuple[Calibration, dict[str, float]]:
+    """Platt scaling of the model on (user, video, full-watch) triples (the validation split,
+    after training): ``fit_platt`` on the fp32 logits of every process's pairs (each process
+    fits the same arrays alike), and the metrics of those pairs under it (as :func:`evaluate`).
+    """
+    pairs = scored_pairs(model, clip_features, graph, users, videos, labels, batch_size,
+                         rank_users, gather)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calibration = fit_platt(pairs[2], pairs[1])
+    for warning in caught:  # a degenerate fit (identity kept): for the person at the console
+        warnings.warn(str(warning.message), FrameDistWarning, stacklevel=2)
+    return calibration, all_metrics(*pairs, ks, calibration)
 
 
 def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
@@ -224,9 +264,11 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
     (0: off), at most ``cfg.epochs`` epochs, stopping after ``cfg.patience`` epochs without a
     better validation AUC. Without ``valid_data`` every epoch runs and the last state is
     returned; a validation set without both classes is refused (``loop.SplitError``). The
-    forward passes (training and validation) run under ``cfg.precision``
-    (:func:`autocast_for`); the weights, their gradients and Adam stay fp32. ``test_data``:
-    the best weights' metrics on it in ``TrainResult.test``.
+    training forward passes run under ``cfg.precision`` (:func:`autocast_for`); the weights,
+    their gradients and Adam stay fp32, and the evaluation forward is fp32. After the last
+    epoch the best weights are calibrated on ``valid_data`` (:func:`calibrate`;
+    ``TrainResult.calibration``, the identity without ``valid_data``). ``test_data``: the best
+    weights' calibrated metrics on it in ``TrainResult.test``.
     """
     eval_cfg = eval_cfg or EvaluateConfig()
     device = torch.device(device) if device is not None else resolve_device(cfg.use_gpu)
@@ -245,10 +287,14 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
         idx = torch.as_tensor(positions, device=device)
         return InteractionBatch(users[idx], videos[idx], watched[idx])
 
-    def evaluate_split(split: str) -> dict[str, float]:
+    def evaluate_split(split: str, calibration: Calibration | None = None) -> dict[str, float]:
         data = splits[split]
         return evaluate(model, clip_features, task.graph, data.users, data.videos, data.labels,
-                        eval_cfg.ks, eval_cfg.batch_size, cfg.precision)
+                        eval_cfg.ks, eval_cfg.batch_size, calibration=calibration)
+
+    def calibrate_valid() -> tuple[Calibration, dict[str, float]]:
+        return calibrate(model, clip_features, task.graph, valid_data.users, valid_data.videos,
+                         valid_data.labels, eval_cfg.ks, eval_cfg.batch_size)
 
     def label_counts(split: str) -> tuple[int, int]:
         labels = np.asarray(splits[split].labels)
@@ -258,10 +304,11 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
                       step=torch_step(task, optimizer, autocast, cfg.grad_clip),
                       evaluate=evaluate_split, label_counts=label_counts,
                       begin_epoch=model.train,
-                      optimizer_state_bytes=lambda: optimizer_state_bytes(optimizer), log=log)
+                      optimizer_state_bytes=lambda: optimizer_state_bytes(optimizer), log=log,
+                      calibrate=calibrate_valid)
     result = fit(hooks, cfg, len(train_data), validate=valid_data is not None,
                  test=test_data is not None)
     state = result.state
     return TrainResult(state.history, result.best_weights, state.best_epoch,
-                       copy.deepcopy(state.best_valid), state.stopped_early, state,
-                       result.test)
+                       copy.deepcopy(result.valid), state.stopped_early, state,
+                       result.test, result.calibration)
