@@ -109,6 +109,9 @@ class GraphConfig:
     # R^p: every clip of fully watched videos (paper eq. 2) or every fully played clip of any
     # view (frame-dist's default, model.preset)
     positives: Literal["full_watch", "watched_clips"] = "watched_clips"
+    # R~ of eq. 6: "symmetric" D_u^-1/2 R D_c^-1/2 (the paper's GCN) or "user_mean" D_u^-1 R (a
+    # user is the mean of its clips: frame-dist's default, model.preset)
+    normalisation: Literal["symmetric", "user_mean"] = "user_mean"
     n_shards: int = 1  # user partitions (one per training worker or more)
 
 
@@ -260,9 +263,9 @@ WORLD_PRESETS: dict[str, dict[str, Any]] = {
 # has the ablation behind every frame-dist departure from the paper)
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "frame-dist": {"model.aggregation": "survival", "train.position_weights": False,
-                   "graph.positives": "watched_clips"},
+                   "graph.positives": "watched_clips", "graph.normalisation": "user_mean"},
     "paper": {"model.aggregation": "mean", "train.position_weights": True,
-              "graph.positives": "full_watch"},
+              "graph.positives": "full_watch", "graph.normalisation": "symmetric"},
 }
 
 

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Prefix of a worker's line meant for the job's console (see worker_line); stripped on the way.
@@ -147,10 +147,9 @@ def own_warning(message: Warning | str, category: type[Warning]) -> str | None:
     return "warning: " + " ".join(str(message).split())
 
 
-@contextlib.contextmanager
-def warnings_to_console() -> Iterator[None]:
-    """Meanwhile our warnings are one line on the console's stderr (:func:`console_error`);
-    the others go to ``warnings.showwarning`` as before (the stage's log)."""
+def _showwarning(emit: Callable[[str], None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that emits our warnings as one line and hands the others to
+    the one installed before it."""
     previous = warnings.showwarning
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -159,9 +158,17 @@ def warnings_to_console() -> Iterator[None]:
         if text is None:
             previous(message, category, filename, lineno, file, line)
         else:
-            console_error(text)
+            emit(text)
 
-    warnings.showwarning = show
+    return show
+
+
+@contextlib.contextmanager
+def warnings_to_console() -> Iterator[None]:
+    """Meanwhile our warnings are one line on the console's stderr (:func:`console_error`);
+    the others go to ``warnings.showwarning`` as before (the stage's log)."""
+    previous = warnings.showwarning
+    show = warnings.showwarning = _showwarning(console_error)
     try:
         yield
     finally:
@@ -172,24 +179,18 @@ def warnings_to_console() -> Iterator[None]:
 _worker_warnings = [False]  # route_worker_warnings installed in this process
 
 
+def _marked_line(text: str) -> None:
+    sys.stdout.write(f"{WARNING_MARK}{text}\n")
+    sys.stdout.flush()
+
+
 def route_worker_warnings() -> None:
     """In a Ray worker: our warnings as marked lines, which the driver's :func:`_route` puts
     on the console's stderr, once however many workers send the same line."""
     if _worker_warnings[0]:
         return
     _worker_warnings[0] = True
-    previous = warnings.showwarning
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: Any = None, line: str | None = None) -> None:
-        text = own_warning(message, category)
-        if text is None:
-            previous(message, category, filename, lineno, file, line)
-        else:
-            sys.stdout.write(f"{WARNING_MARK}{text}\n")
-            sys.stdout.flush()
-
-    warnings.showwarning = show
+    warnings.showwarning = _showwarning(_marked_line)
 
 
 # --------------------------------------------------------------------------- Ray workers' output

@@ -141,11 +141,11 @@ def test_a_job_exits_2_on_a_bad_name(capsys):
 def test_model_presets_set_their_keys_unless_given():
     ours = load_config()
     assert ours.model.preset == "frame-dist"
-    assert (ours.model.aggregation, ours.train.position_weights, ours.graph.positives) == (
-        "survival", False, "watched_clips")
+    assert (ours.model.aggregation, ours.train.position_weights, ours.graph.positives,
+            ours.graph.normalisation) == ("survival", False, "watched_clips", "user_mean")
     paper = load_config(None, ["model.preset=paper"])
-    assert (paper.model.aggregation, paper.train.position_weights, paper.graph.positives) == (
-        "mean", True, "full_watch")
+    assert (paper.model.aggregation, paper.train.position_weights, paper.graph.positives,
+            paper.graph.normalisation) == ("mean", True, "full_watch", "symmetric")
     mixed = load_config(None, ["model.preset=paper", "graph.positives=watched_clips"])
     assert (mixed.model.aggregation, mixed.graph.positives) == ("mean", "watched_clips")
     with pytest.raises(ConfigError, match="model.preset='authors' must be one of"):

@@ -401,3 +401,17 @@ def test_graph_manifest_refuses_a_file_that_is_not_json(tmp_path) -> None:
         read_graph_manifest(store, 4)
     assert str(error.value) == (f"graph manifest {store.uri(manifest_path(4))} is not a JSON "
                                 f"object: {_RERUN}")
+
+
+def test_user_mean_normalisation_averages_each_users_clips():
+    """R~ = D_u^-1 R: every user row with edges sums to 1, whatever the clips' degrees."""
+    from frame_dist.graph.clip_graph import normalise
+
+    r = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]],
+                               dtype=np.float32))
+    mean = normalise(r, "user_mean").toarray()
+    assert mean.tolist() == [[0.5, 0.5, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0.25] * 4]
+    symmetric = normalise(r, "symmetric").toarray()
+    assert symmetric[0, 0] == pytest.approx(1 / np.sqrt(2 * 3))  # d_u = 2, d_c = 3
+    with pytest.raises(GraphError, match="normalisation='row' must be one of"):
+        normalise(r, "row")

@@ -43,6 +43,10 @@ from frame_dist.model.propagation import Adjacency, PropagationGraph, csr_tensor
 
 Positives = Literal["full_watch", "watched_clips"]
 POSITIVES: tuple[str, ...] = ("full_watch", "watched_clips")
+# eq. 6: "symmetric" R~ = D_u^-1/2 R D_c^-1/2 (the paper's GCN normalisation); "user_mean"
+# R~ = D_u^-1 R (a user is the mean of its clips; no clip-popularity weights; docs/model.md)
+Normalisation = Literal["symmetric", "user_mean"]
+NORMALISATIONS: tuple[str, ...] = ("symmetric", "user_mean")
 
 # r * N_c is computed in float64; a watch ratio exactly at a clip boundary (r = j / N_c) must land
 # in clip j even when the product rounds to j - 1e-16.
@@ -259,19 +263,27 @@ def _binary_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> s
     return mat
 
 
-def normalise(matrix: sp.csr_matrix) -> sp.csr_matrix:
-    """R~ = D_u^{-1/2} R D_c^{-1/2} (eq. 6, symmetric), zero-degree rows/columns left at zero.
+def normalise(matrix: sp.csr_matrix, mode: Normalisation = "symmetric") -> sp.csr_matrix:
+    """R~ of eq. 6, zero-degree rows/columns left at zero.
 
-    Degrees are the row and column sums of ``matrix`` (the number of edges for a binary R).
+    ``"symmetric"``: R~ = D_u^{-1/2} R D_c^{-1/2}; ``"user_mean"``: R~ = D_u^{-1} R (row i
+    averages user i's clips). Degrees are the row and column sums of ``matrix`` (the number of
+    edges for a binary R).
     """
+    if mode not in NORMALISATIONS:
+        raise GraphError(f"normalisation={mode!r} must be one of {list(NORMALISATIONS)}")
     m = sp.csr_matrix(matrix, dtype=np.float64, copy=True)
     m.sum_duplicates()
     deg_u = np.asarray(m.sum(axis=1)).ravel()  # (M,)
     deg_c = np.asarray(m.sum(axis=0)).ravel()  # (C,)
     inv_u = np.zeros_like(deg_u)
     inv_c = np.zeros_like(deg_c)
-    np.divide(1.0, np.sqrt(deg_u), out=inv_u, where=deg_u > 0)
-    np.divide(1.0, np.sqrt(deg_c), out=inv_c, where=deg_c > 0)
+    if mode == "symmetric":
+        np.divide(1.0, np.sqrt(deg_u), out=inv_u, where=deg_u > 0)
+        np.divide(1.0, np.sqrt(deg_c), out=inv_c, where=deg_c > 0)
+    else:
+        np.divide(1.0, deg_u, out=inv_u, where=deg_u > 0)
+        inv_c[:] = 1.0
     row = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))  # (nnz,)
     m.data = m.data * inv_u[row] * inv_c[m.indices]
     return m.astype(np.float32)
@@ -279,7 +291,8 @@ def normalise(matrix: sp.csr_matrix) -> sp.csr_matrix:
 
 def build_graph(user_idx: np.ndarray, video_idx: np.ndarray, watch_ratio: np.ndarray,
                 full_watch: np.ndarray, *, n_users: int, n_videos: int, n_clips: int,
-                positives: Positives = "full_watch") -> UserClipGraph:
+                positives: Positives = "full_watch",
+                normalisation: Normalisation = "symmetric") -> UserClipGraph:
     """Build R^p, R^n and their normalised forms from *training* interactions (eqs. 2-6).
 
     Args:
@@ -288,6 +301,7 @@ def build_graph(user_idx: np.ndarray, video_idx: np.ndarray, watch_ratio: np.nda
         n_users, n_videos: M and N (the index spaces, including users/videos without edges).
         n_clips: N_c, clips per video.
         positives: "full_watch" (eq. 2) or "watched_clips" (every fully played clip).
+        normalisation: eq. 6's R~, "symmetric" or "user_mean" (:func:`normalise`).
     """
     if positives not in POSITIVES:
         raise GraphError(f"positives={positives!r} must be one of {list(POSITIVES)}")
@@ -328,7 +342,8 @@ def build_graph(user_idx: np.ndarray, video_idx: np.ndarray, watch_ratio: np.nda
     neg = _binary_csr(neg_rows, neg_cols, shape)
     return UserClipGraph(n_users=n_users, n_videos=n_videos, clips_per_video=n_clips,
                          positives=positives, user_rows=np.arange(n_users, dtype=np.int64),
-                         pos=pos, neg=neg, pos_norm=normalise(pos), neg_norm=normalise(neg))
+                         pos=pos, neg=neg, pos_norm=normalise(pos, normalisation),
+                         neg_norm=normalise(neg, normalisation))
 
 
 def slice_users(graph: UserClipGraph, users: np.ndarray) -> UserClipGraph:

@@ -181,7 +181,8 @@ def build_shards(cfg: Config, store: Store) -> GraphBuild:
     graph = build_graph(every.user_idx[is_train], every.video_idx[is_train],
                         every.watch_ratio[is_train], every.full_watch[is_train],
                         n_users=len(users), n_videos=len(videos), n_clips=n_clips,
-                        positives=cfg.graph.positives)
+                        positives=cfg.graph.positives,
+                        normalisation=cfg.graph.normalisation)
     watched = clip_labels(every.watch_ratio, every.full_watch, n_clips, every.source_row)
 
     train_per_user = np.bincount(every.user_idx[is_train], minlength=len(users))
