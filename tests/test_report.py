@@ -156,7 +156,9 @@ def test_model_card_after_evaluation(evaluated):
     assert header["data_fingerprint"] == GraphManifest.read(store, cfg.graph.n_clips).fingerprint
     assert header["metrics"]["model"] == evaluation["model"]
     assert header["metrics"]["oracle"] == evaluation["oracle"]
-    assert header["metrics"]["baselines"] == "not measured"
+    best = max(evaluation["baselines"], key=lambda k: evaluation["baselines"][k]["auc"])
+    assert header["metrics"]["baselines"] == {"name": best, **evaluation["baselines"][best]}
+    assert f"| best baseline ({best}) | {evaluation['baselines'][best]['auc']:.4f} |" in text
     assert f"| oracle | {evaluation['oracle']['auc']:.4f} |" in text
     saved = torch.load(store.path(run_path(RUN, "model.pt")), weights_only=True)
     command = shlex.split(header["reproduce"])
@@ -284,3 +286,19 @@ def test_evaluation_applies_the_stored_calibration(evaluated):
     assert case["probability"] == pytest.approx(float(cal.apply(np.array(
         [case["video_score"]]))[0]), abs=1e-9)
     assert ModelCard.read_header(store, RUN)["calibration"] == evaluation["calibration"]
+
+
+def test_evaluation_reports_counting_baselines_on_the_same_rows(evaluated):
+    """Constant, user rate and video rate in evaluation.json, computed from the store's own
+    split: the constant is the training full-watch rate (AUC 1/2, Logloss by hand)."""
+    cfg, store, _ = evaluated
+    evaluation = store.read_json(run_path(RUN, "evaluation.json"))
+    baselines = evaluation["baselines"]
+    assert set(baselines) == {"constant", "user rate", "video rate"}
+    table = store.table("interactions").read().to_pandas()
+    rate = table.loc[table.split == "train", "full_watch"].mean()
+    test = table.loc[table.split == "test", "full_watch"].to_numpy()
+    assert baselines["constant"]["auc"] == 0.5
+    assert baselines["constant"]["logloss"] == pytest.approx(logloss(test, np.full(len(test),
+                                                                                  rate)))
+    assert baselines["user rate"]["n"] == evaluation["model"]["n"]

@@ -197,15 +197,27 @@ def standardised(features: np.ndarray) -> np.ndarray:
     return (features - features.mean(0)) / np.maximum(features.std(0), 1e-6)
 
 
-def run_baselines(data: BaselineData, seed: int, ks: tuple[int, ...] = (3, 5)
-                  ) -> dict[str, dict[str, float]]:
-    """Test metrics of every baseline, keyed by name (the module docstring's list)."""
+def count_baselines(data: BaselineData, ks: tuple[int, ...] = (3, 5)
+                    ) -> dict[str, dict[str, float]]:
+    """The baselines that only count (no training, no features): constant, user and video
+    rate. What the evaluate stage reports beside every run."""
     rate = float(np.mean(data.train.labels))
-    data = BaselineData(data.train, data.valid, data.test, standardised(data.video_features),
-                        data.n_users, data.n_videos)
     constant = pair_metrics(data.test, np.full(len(data.test.labels), logit(np.array(rate))), ks)
     return {"constant": constant,
             "user rate": rate_baseline(data, "users", ks),
-            "video rate": rate_baseline(data, "videos", ks),
+            "video rate": rate_baseline(data, "videos", ks)}
+
+
+def best_baseline(results: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """(name, metrics) of the baseline with the highest test AUC."""
+    return max(results.items(), key=lambda item: item[1]["auc"])
+
+
+def run_baselines(data: BaselineData, seed: int, ks: tuple[int, ...] = (3, 5)
+                  ) -> dict[str, dict[str, float]]:
+    """Test metrics of every baseline, keyed by name (the module docstring's list)."""
+    data = BaselineData(data.train, data.valid, data.test, standardised(data.video_features),
+                        data.n_users, data.n_videos)
+    return {**count_baselines(data, ks),
             "FM": trained_baseline("FM", data, seed, ks),
             "LightGCN": trained_baseline("LightGCN", data, seed, ks)}

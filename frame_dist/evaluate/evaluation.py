@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from feature_store.store import Store
 from frame_dist.config import Config
+from frame_dist.evaluate.baselines import BaselineData, Pairs, count_baselines
 from frame_dist.graph.clip_graph import IdMap, encode_interactions
 from frame_dist.graph.manifest import GraphManifest
 from frame_dist.model.calibration import Calibration
@@ -92,6 +93,7 @@ def evaluate_run(cfg: Config, store: Store, test: TestSplit | None = None) -> di
                           calibration=test.calibration),
         "calibration": test.calibration.to_dict(),
     }
+    result["baselines"] = run_count_baselines(store, test, labels, cfg.evaluate.ks)
     if store.table("truth").exists():
         truth = store.table("truth").read().to_pandas()
         joined = rows.merge(truth, on=["user_id", "video_id", "timestamp"], how="left")
@@ -102,6 +104,21 @@ def evaluate_run(cfg: Config, store: Store, test: TestSplit | None = None) -> di
     # the card beside model.pt, now with the evaluated metrics and the oracle's
     ModelCard.for_run(store, cfg.train.run_name, evaluation=result).write(store)
     return result
+
+
+def run_count_baselines(store: Store, test: TestSplit, labels: np.ndarray,
+                        ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Constant, user rate and video rate (``frame_dist.evaluate.baselines``) on the run's own
+    split and indices: the yardstick next to the model in evaluation.json and the card."""
+    manifest = GraphManifest.read(store, test.n_clips)
+    pairs = {}
+    for split in ("train", "valid"):
+        rows, users, videos = split_pairs(store, test.data, manifest, split)
+        pairs[split] = Pairs(users, videos, rows["full_watch"].to_numpy().astype(np.int64))
+    data = BaselineData(pairs["train"], pairs["valid"], Pairs(test.users, test.videos, labels),
+                        np.zeros((len(test.data.video_ids), 0)), len(test.data.user_rows),
+                        len(test.data.video_ids))
+    return count_baselines(data, tuple(ks))
 
 
 def metrics_table(result: dict[str, Any]) -> str:

@@ -325,10 +325,18 @@ class ModelCard:
             "model_config": self.config["model"],
             "metrics": {"source": self._source(), "model": self._model_metrics(),
                         "oracle": (self.evaluation or {}).get("oracle", NOT_MEASURED),
-                        "baselines": NOT_MEASURED},
+                        "baselines": self._best_baseline()},
             "calibration": self._calibration(),
             "reproduce": reproduce_command(self.config),
         })
+
+    def _best_baseline(self) -> dict[str, Any] | str:
+        """The evaluate stage's best counting baseline (by test AUC), with its name."""
+        found = (self.evaluation or {}).get("baselines")
+        if not isinstance(found, dict) or not found:
+            return NOT_MEASURED
+        name, metrics = max(found.items(), key=lambda item: item[1]["auc"])
+        return {"name": name, **metrics}
 
     def _calibration(self) -> dict[str, float] | str:
         if self.evaluation is not None and "calibration" in self.evaluation:
@@ -374,8 +382,9 @@ class ModelCard:
             "",
             "## Metrics", "",
             f"Test split; source: {metrics['source']}. The oracle scores the true full-watch "
-            "probabilities (the ceiling on this data); baselines are not part of a run "
-            "(benchmarks/quality.py measures one).", "",
+            "probabilities (the ceiling on this data); the baseline row is the best of a "
+            "constant, the smoothed per-user and the per-video full-watch rate on the same split "
+            "(benchmarks/quality.py adds trained baselines).", "",
             *_metrics_table(metrics, oracle_why), "",
             _calibration_line(head["calibration"]), "",
             "## Reproduce", "",
@@ -467,6 +476,8 @@ def _metrics_table(metrics: dict[str, Any], oracle_why: str) -> list[str]:
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for who, why in (("model", ""), ("oracle", f" ({oracle_why})"), ("baselines", "")):
         row = metrics[who]
+        if who == "baselines" and isinstance(row, dict):
+            who = f"best baseline ({row['name']})"
         cells = ([f"{row[k]:.4f}" if k in row else "-" for k in names] if isinstance(row, dict)
                  else [NOT_MEASURED + why] + [""] * (len(names) - 1))
         lines.append(f"| {who} | " + " | ".join(cells) + " |")
