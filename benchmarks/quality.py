@@ -246,7 +246,9 @@ def targets(name: str, result: dict[str, Any]) -> list[str]:
             (a, sa), (b, sb) = auc[fine], auc[coarse]
             spread = max(sa, sb)
             ok = a - b > stds * spread if stds > 0 else a - b >= stds * spread
-            check(f"{fine} vs {coarse}", ok if spread > 0 or stds <= 0 else None,
+            one_seed = min(len(result["frame"][fine]), len(result["frame"][coarse])) < 2
+            check(f"{fine} vs {coarse}" + (" (one seed: no spread)" if one_seed else ""),
+                  None if one_seed and stds != 0 else ok,
                   f"{a:.4f} ± {sa:.4f} vs {b:.4f} ± {sb:.4f}")
 
     if name in FINE_WORLDS:
@@ -263,6 +265,37 @@ def targets(name: str, result: dict[str, Any]) -> list[str]:
                   f"{loss:.4f} vs {base_loss:.4f}")
             break
     return lines
+
+
+SUMMARY_VARIANTS = ("default N_c=1", "default N_c=4", "default N_c=8", "default N_c=16",
+                    "paper N_c=4")
+
+
+def summary_table(done: dict[str, Any]) -> str:
+    """One markdown row per world: test AUC of the FRAME variants (mean ± std over the seeds
+    run), the best baseline, the ceiling and the oracle, and the gap the best default closes."""
+    head = ["world", "seeds", *SUMMARY_VARIANTS, "best baseline", "ceiling", "oracle",
+            "gap closed"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, result in done.items():
+        if "reference" not in result:
+            continue
+        frame = {k: summarise(v)["auc"] for k, v in result["frame"].items()}
+        seeds = max((len(v) for v in result["frame"].values()), default=0)
+        runs = {k: len(v) for k, v in result["frame"].items()}
+        cells = [f"{frame[v][0]:.4f} ± {frame[v][1]:.4f}" if runs.get(v, 0) > 1
+                 else f"{frame[v][0]:.4f}" if v in frame else "-" for v in SUMMARY_VARIANTS]
+        baselines = {k: float(np.mean([r["auc"] for r in v]))
+                     for k, v in result["baselines"].items()}
+        best_name, best = max(baselines.items(), key=lambda kv: kv[1])
+        ref = result["reference"]
+        ceiling = ref["ceiling (world model fitted on train rows, true topics)"]["auc"]
+        defaults = [frame[v][0] for v in SUMMARY_VARIANTS[:4] if v in frame]
+        gap = f"{gap_closed(max(defaults), best, ceiling):.2f}" if defaults else "-"
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {best_name} "
+                     f"{best:.4f} | {ceiling:.4f} | "
+                     f"{ref['oracle (true probabilities)']['auc']:.4f} | {gap} |")
+    return "\n".join(lines)
 
 
 def run_world(name: str, args: argparse.Namespace, done: dict[str, Any]) -> dict[str, Any]:
@@ -314,12 +347,25 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     parser.add_argument("--list", action="store_true", help="print worlds and variants")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all CPUs)")
+    parser.add_argument("--summary", nargs="*", metavar="JSON",
+                        help="print the cross-world table of these results files (default: "
+                             "--out) and every world's targets, without training")
     args = parser.parse_args()
     if args.list:
         for name, (overrides, spec) in WORLDS.items():
             print(f"world {name}: {overrides} {spec if spec else '(mp4 + ResNet-50 extract)'}")
         for name, (n_clips, overrides) in VARIANTS.items():
             print(f"variant {name}: N_c={n_clips} {' '.join(overrides)}")
+        return
+    if args.summary is not None:
+        done = {}
+        for path in args.summary or [args.out or os.path.join(args.root, "results.json")]:
+            with open(path) as f:
+                done.update(json.load(f))
+        print(summary_table(done))
+        for name, result in done.items():
+            if "reference" in result and "best_baseline" in result:
+                print(f"\n{name}:\n" + "\n".join(f"- {t}" for t in targets(name, result)))
         return
     args.variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [v for v in args.variants if v not in VARIANTS] + [
