@@ -79,7 +79,7 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
     "paper N_c=4": (4, PAPER),
     "paper N_c=8": (8, PAPER),
     "default N_c=8 / mean of clip logits": (8, ["model.aggregation=mean"]),
-    "default N_c=8 / position weights": (8, ["train.position_weights=true"]),
+    "default N_c=8 / unweighted clip losses": (8, ["train.position_weights=false"]),
     "default N_c=8 / full-watch positives": (8, ["graph.positives=full_watch"]),
     "default N_c=8 / symmetric normalisation": (8, ["graph.normalisation=symmetric"]),
     "default N_c=8 without negatives": (8, ["model.use_negative=false"]),

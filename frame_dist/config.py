@@ -157,7 +157,7 @@ class TrainConfig:
     alpha: float = 1.0  # weight of the point-wise loss (eq. 16)
     beta: float = 1.0  # weight of the pair-wise loss (eq. 16)
     l2: float = 1e-5  # lambda: L2 factor (eq. 16)
-    position_weights: bool = False  # eq. 14's eps_j = j / N_c on watched clips (False: 1)
+    position_weights: bool = True  # eq. 14's eps_j = j / N_c on watched clips (False: 1)
     grad_clip: float = 1.0  # gradient norm clipping (0: off)
     seed: int = 0
     workers: int = 1  # W: Ray Train workers
@@ -262,7 +262,7 @@ WORLD_PRESETS: dict[str, dict[str, Any]] = {
 # The two named model configurations: the settings each preset fixes (docs/model.md section 9
 # has the ablation behind every frame-dist departure from the paper)
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "frame-dist": {"model.aggregation": "survival", "train.position_weights": False,
+    "frame-dist": {"model.aggregation": "survival", "train.position_weights": True,
                    "graph.positives": "watched_clips", "graph.normalisation": "user_mean"},
     "paper": {"model.aggregation": "mean", "train.position_weights": True,
               "graph.positives": "full_watch", "graph.normalisation": "symmetric"},

@@ -142,7 +142,7 @@ def test_model_presets_set_their_keys_unless_given():
     ours = load_config()
     assert ours.model.preset == "frame-dist"
     assert (ours.model.aggregation, ours.train.position_weights, ours.graph.positives,
-            ours.graph.normalisation) == ("survival", False, "watched_clips", "user_mean")
+            ours.graph.normalisation) == ("survival", True, "watched_clips", "user_mean")
     paper = load_config(None, ["model.preset=paper"])
     assert (paper.model.aggregation, paper.train.position_weights, paper.graph.positives,
             paper.graph.normalisation) == ("mean", True, "full_watch", "symmetric")

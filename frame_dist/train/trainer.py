@@ -274,7 +274,8 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
     device = torch.device(device) if device is not None else resolve_device(cfg.use_gpu)
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
-    loss = loss or HybridLoss(cfg.alpha, cfg.beta if model.use_negative else 0.0, cfg.l2)
+    loss = loss or HybridLoss(cfg.alpha, cfg.beta if model.use_negative else 0.0, cfg.l2,
+                              position_weights=cfg.position_weights)
     if clip_features is not None:
         clip_features = clip_features.to(device=device, dtype=torch.float32)
     task = FRAMETrainTask(model, loss, clip_features, graph).to_device(device)
