@@ -70,7 +70,7 @@ def single_process(cfg, store: Store, steps: int) -> tuple[float, float]:
     """Seconds per step and peak RSS (MiB) of the plain torch loop on the whole graph."""
     data, manifest = whole_graph(store, cfg.graph.n_clips)
     model = build_model(cfg.model, data.clip_features.shape[1], seed=0)
-    task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model), data.clip_features,
+    task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model.use_negative), data.clip_features,
                           data.graph)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     step = torch_step(task, optimizer, autocast_for("cpu", cfg.train.precision),
@@ -112,8 +112,8 @@ def engine_overhead(cfg, steps: int, threads: int) -> tuple[float, float]:
         data, _ = whole_graph(store, cfg.graph.n_clips)
         model = build_model(cfg.model, data.clip_features.shape[1], seed=0,
                             propagation=DistributedPropagation(data.global_clip_ids))
-        task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model), data.clip_features,
-                              data.graph)
+        task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model.use_negative),
+                              data.clip_features, data.graph)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
         autocast = autocast_for("cpu", cfg.train.precision)
         if use_deepspeed:  # the steps of the Ray Train worker and of the single-process trainer

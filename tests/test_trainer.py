@@ -137,7 +137,8 @@ def test_evaluate_equals_metrics_of_restricted_scores(planted) -> None:
 
 def test_without_negatives_the_pairwise_loss_is_off(planted) -> None:
     cfg = dataclasses.replace(MODEL_CFG, use_negative=False)
-    assert build_loss(_cfg(), cfg).beta == 0.0 and build_loss(_cfg(), MODEL_CFG).beta == 1.0
+    assert build_loss(_cfg(), cfg.use_negative).beta == 0.0 and build_loss(
+        _cfg(), MODEL_CFG.use_negative).beta == 1.0
     model = build_model(cfg, F, seed=0)
     result = train(model, planted["x"], planted["graph"], planted["train"], None, _cfg(epochs=1),
                    EvaluateConfig())
@@ -225,7 +226,8 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch) -> None:
 
 def _step(planted, model: FRAME, precision: str):
     """Loss and gradients of one training step on the first 256 training interactions."""
-    task = FRAMETrainTask(model, build_loss(_cfg(), MODEL_CFG), planted["x"], planted["graph"])
+    task = FRAMETrainTask(model, build_loss(_cfg(), MODEL_CFG.use_negative), planted["x"],
+                          planted["graph"])
     td = planted["train"]
     batch = InteractionBatch(*(torch.as_tensor(a[:256]) for a in (td.users, td.videos,
                                                                      td.watched)))

@@ -185,7 +185,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     del table_init
     from frame_dist.model.loss import FRAMETrainTask
 
-    task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model), data.clip_features,
+    task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model.use_negative), data.clip_features,
                           data.graph)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,

@@ -117,10 +117,11 @@ def build_model(cfg: ModelConfig, n_clip_features: int, n_clips_total: int | Non
     return model
 
 
-def build_loss(cfg: TrainConfig, model_cfg: ModelConfig) -> HybridLoss:
-    """Eq. 16 weights from the config. Without negatives the pair-wise loss is off (Table 6)."""
-    return HybridLoss(alpha=cfg.alpha, beta=cfg.beta if model_cfg.use_negative else 0.0,
-                      l2=cfg.l2, position_weights=cfg.position_weights)
+def build_loss(cfg: TrainConfig, use_negative: bool) -> HybridLoss:
+    """Eqs. 14-16 from the config (weights, eq. 14's position weights). Without negatives
+    (``model.use_negative``) the pair-wise loss is off (Table 6)."""
+    return HybridLoss(alpha=cfg.alpha, beta=cfg.beta if use_negative else 0.0, l2=cfg.l2,
+                      position_weights=cfg.position_weights)
 
 
 def resolve_device(use_gpu: bool | None) -> torch.device:
@@ -274,8 +275,7 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
     device = torch.device(device) if device is not None else resolve_device(cfg.use_gpu)
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
-    loss = loss or HybridLoss(cfg.alpha, cfg.beta if model.use_negative else 0.0, cfg.l2,
-                              position_weights=cfg.position_weights)
+    loss = loss or build_loss(cfg, model.use_negative)
     if clip_features is not None:
         clip_features = clip_features.to(device=device, dtype=torch.float32)
     task = FRAMETrainTask(model, loss, clip_features, graph).to_device(device)
