@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from frame_dist.ingest.synthetic import SKIP_HORIZON, TASTE_FLOOR, World
+from frame_dist.ingest.synthetic import SKIP_HORIZON, TASTE_FLOOR, World, scene_rows
 
 HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)  # E|z|, z ~ N(0, 1)
 HALF_NORMAL_STD = math.sqrt(1.0 - 2.0 / math.pi)  # std |z|
@@ -32,16 +32,10 @@ HALF_NORMAL_STD = math.sqrt(1.0 - 2.0 / math.pi)  # std |z|
 def _segments(world: World, videos: np.ndarray, t_end: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(row, topic, exposed seconds, t_end inside) for every (row, scene) pair."""
-    lay = world.layout
-    n_scenes = np.diff(lay.scene_ptr)[videos]
-    row = np.repeat(np.arange(len(videos)), n_scenes)
-    first = np.cumsum(n_scenes) - n_scenes
-    scene = lay.scene_ptr[videos][row] + (np.arange(len(row)) - first[row])
-    start, end = lay.scene_start_s[scene], lay.scene_end_s[scene]
+    row, _, scene, start, exposed = scene_rows(world.layout, videos, t_end)
     stop = t_end[row]
-    exposed = np.clip(np.minimum(end, stop) - start, 0.0, None)
-    inside = (start <= stop) & (stop < end)
-    return row, lay.scene_topic[scene], exposed, inside
+    inside = (start <= stop) & (stop < world.layout.scene_end_s[scene])
+    return row, world.layout.scene_topic[scene], exposed, inside
 
 
 class WorldModelFit:

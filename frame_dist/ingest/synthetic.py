@@ -296,6 +296,24 @@ def expose(cfg: WorldConfig, layout: VideoLayout, n_users: int,
     return user_index[viewing], video_index[viewing]
 
 
+def scene_rows(layout: VideoLayout, video_index: np.ndarray, until: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One row per (interaction, scene of its video), interaction by interaction.
+
+    ``until`` (I,): seconds of each interaction's video played. Returns ``row`` (R,) the
+    interaction of each row, ``first`` (I,) each interaction's first row, ``scene`` (R,) global
+    scene index, ``start`` (R,) scene start and ``exposed`` (R,) seconds of the scene played
+    before ``until`` (0 for later scenes).
+    """
+    n_scenes = np.diff(layout.scene_ptr)[video_index]  # (I,)
+    row = np.repeat(np.arange(len(video_index)), n_scenes)  # (R,)
+    first = np.cumsum(n_scenes) - n_scenes  # (I,)
+    scene = layout.scene_ptr[video_index][row] + (np.arange(len(row)) - first[row])  # (R,)
+    start = layout.scene_start_s[scene]
+    exposed = np.clip(np.minimum(layout.scene_end_s[scene], until[row]) - start, 0.0, None)
+    return row, first, scene, start, exposed
+
+
 def _hazard_segments(layout: VideoLayout, users: Users, user_index: np.ndarray,
                      video_index: np.ndarray, base_hazard: float, dislike_hazard: float
                      ) -> dict[str, np.ndarray]:
@@ -306,14 +324,8 @@ def _hazard_segments(layout: VideoLayout, users: Users, user_index: np.ndarray,
     ``cum_after`` (the cumulative hazard H at the segment's ends), plus ``total`` (I,) = H at
     the horizon.
     """
-    n_scenes = np.diff(layout.scene_ptr)[video_index]  # (I,)
-    row_interaction = np.repeat(np.arange(len(video_index)), n_scenes)  # (R,)
-    first_row = np.cumsum(n_scenes) - n_scenes  # (I,)
-    within = np.arange(len(row_interaction)) - first_row[row_interaction]
-    scene = layout.scene_ptr[video_index][row_interaction] + within  # (R,)
-    horizon = SKIP_HORIZON * layout.duration_s[video_index][row_interaction]
-    start = layout.scene_start_s[scene]
-    length = np.clip(np.minimum(layout.scene_end_s[scene], horizon) - start, 0.0, None)
+    horizon = SKIP_HORIZON * layout.duration_s[video_index]  # (I,)
+    row_interaction, first_row, scene, start, length = scene_rows(layout, video_index, horizon)
     u = user_index[row_interaction]
     taste = users.taste[u, layout.scene_topic[scene]]
     dislike = 0.5 * (1.0 - np.tanh(0.5 * taste))  # sigmoid(-taste), stable for any taste
