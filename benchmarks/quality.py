@@ -37,9 +37,9 @@ import torch
 
 from feature_store.store import Store
 from frame_dist.config import Config, WorldConfig, load_config
-from frame_dist.evaluate.baselines import BaselineData, Pairs, logit, run_baselines
+from frame_dist.evaluate.baselines import BaselineData, logit, run_baselines
 from frame_dist.evaluate.ceiling import WorldModelFit, gap_closed, world_indices
-from frame_dist.evaluate.evaluation import split_pairs
+from frame_dist.evaluate.evaluation import labelled_pairs
 from frame_dist.graph.shards import build_shards
 from frame_dist.ingest.feature_world import FeatureSpec, write_feature_world
 from frame_dist.ingest.synthetic import World, simulate_world
@@ -162,9 +162,7 @@ def baseline_data(cfg: Config) -> tuple[BaselineData, dict[str, Any]]:
     data, manifest = whole_graph(store, 1)
     splits, tables = {}, {}
     for split in ("train", "valid", "test"):
-        rows, users, videos = split_pairs(store, data, manifest, split)
-        splits[split] = Pairs(users, videos, rows["full_watch"].to_numpy().astype(np.int64))
-        tables[split] = rows
+        tables[split], splits[split] = labelled_pairs(store, data, manifest, split)
     return (BaselineData(splits["train"], splits["valid"], splits["test"],
                          data.clip_features.numpy(), len(data.user_rows), len(data.video_ids)),
             tables)

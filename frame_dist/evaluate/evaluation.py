@@ -106,15 +106,20 @@ def evaluate_run(cfg: Config, store: Store, test: TestSplit | None = None) -> di
     return result
 
 
+def labelled_pairs(store: Store, data: WorkerData, manifest: GraphManifest, split: str
+                   ) -> tuple[pd.DataFrame, Pairs]:
+    """:func:`split_pairs` as (table rows, graph-indexed pairs with their full-watch labels)."""
+    rows, users, videos = split_pairs(store, data, manifest, split)
+    return rows, Pairs(users, videos, rows["full_watch"].to_numpy().astype(np.int64))
+
+
 def run_count_baselines(store: Store, test: TestSplit, labels: np.ndarray,
                         ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
     """Constant, user rate and video rate (``frame_dist.evaluate.baselines``) on the run's own
     split and indices: the yardstick next to the model in evaluation.json and the card."""
     manifest = GraphManifest.read(store, test.n_clips)
-    pairs = {}
-    for split in ("train", "valid"):
-        rows, users, videos = split_pairs(store, test.data, manifest, split)
-        pairs[split] = Pairs(users, videos, rows["full_watch"].to_numpy().astype(np.int64))
+    pairs = {split: labelled_pairs(store, test.data, manifest, split)[1]
+             for split in ("train", "valid")}
     data = BaselineData(pairs["train"], pairs["valid"], Pairs(test.users, test.videos, labels),
                         np.zeros((len(test.data.video_ids), 0)), len(test.data.user_rows),
                         len(test.data.video_ids))
