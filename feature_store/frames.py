@@ -310,16 +310,33 @@ def read_clip_features(store: Store, n_clips: int, video_ids: Sequence[str] | No
     indices c * G / N_c .. (c + 1) * G / N_c - 1 (equal-duration clips of the uniform grid).
     ``video_ids`` None: every committed video, sorted by id; else exactly these, in this order.
     """
+    order, grid, encoder, parts = iter_clip_features(store, n_clips, video_ids)
+    out = np.empty((len(order), n_clips, _dim(encoder)), np.float32)
+    for rows, clips in parts:
+        out[rows] = clips
+    return ClipFeatures(order.astype(str), n_clips, out.reshape(-1, _dim(encoder)), grid, encoder)
+
+
+def iter_clip_features(store: Store, n_clips: int, video_ids: Sequence[str] | None = None
+                       ) -> tuple[np.ndarray, int, dict[str, Any],
+                                  Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`read_clip_features` one stored part at a time, in bounded memory.
+
+    Returns (video order, G, encoder, parts): ``parts`` yields (rows, clip features (len(rows),
+    N_c, D) float32) per part read, ``rows`` the positions of its videos in the order.
+    """
     order, plan, grid, encoder = _plan(store, video_ids)
     if n_clips <= 0 or grid % n_clips:
         raise ValueError(f"n_clips={n_clips} does not divide the grid size G={grid} of the "
                          f"stored frame features (choose N_c among the divisors of G)")
     per_clip, dim = grid // n_clips, _dim(encoder)
-    out = np.empty((len(order), n_clips, dim), np.float32)
-    for rows, feats in _iter_parts(store, plan, grid):
-        clips = feats.reshape(len(rows), n_clips, per_clip, dim)  # (n, N_c, G/N_c, D)
-        out[rows] = clips.mean(axis=2, dtype=np.float32)  # (n, N_c, D)
-    return ClipFeatures(order.astype(str), n_clips, out.reshape(-1, dim), grid, encoder)
+
+    def parts() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for rows, feats in _iter_parts(store, plan, grid):
+            clips = feats.reshape(len(rows), n_clips, per_clip, dim)  # (n, N_c, G/N_c, D)
+            yield rows, clips.mean(axis=2, dtype=np.float32)  # (n, N_c, D)
+
+    return order, grid, encoder, parts()
 
 
 def frame_feature_moments(store: Store, video_ids: Sequence[str] | None = None

@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 
 from frame_dist.graph.clip_graph import adjacency, build_graph, clip_labels
 from frame_dist.graph.shards import Shard, partition_users
+from frame_dist.model.clip_inputs import FrozenClipInputs, streamed_user_sums
+from frame_dist.model.distributed import OwnedClipInputs, owned_videos
 from frame_dist.model.frame import FRAME
 from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch
 from frame_dist.model.propagation import PropagationGraph, clip_ids
@@ -64,7 +66,10 @@ def _shards(users, videos, ratio, full, n_shards):
 
 
 MODES = {"visual": {}, "free clip table": {"use_visual": False},
-         "trainable clip features": {"trainable_clip_features": True}}
+         "trainable clip features": {"trainable_clip_features": True},
+         "precomputed R~X": {},  # visual, each worker's R~ X precomputed (FrozenClipInputs)
+         "owned features": {}}  # and the features partitioned by owner (OwnedClipInputs)
+FROZEN = ("precomputed R~X", "owned features")
 
 
 def _model(mode, features, seed=0, propagation=None):
@@ -82,8 +87,9 @@ def _single_process(batch_positions, mode, precision="fp32"):
     graph, watched, _ = _shards(users, videos, ratio, full, 1)
     pg = PropagationGraph(adjacency(graph.pos_norm), adjacency(graph.neg_norm), N_C)
     model = _model(mode, features)
+    visual = mode in ("visual", *FROZEN)  # the reference: the features themselves
     task = FRAMETrainTask(model, HybridLoss(1.0, 1.0, 1e-4),
-                          torch.from_numpy(features) if mode == "visual" else None, pg)
+                          torch.from_numpy(features) if visual else None, pg)
     idx = torch.as_tensor(batch_positions)
     with autocast_for("cpu", precision):
         loss, _ = task(InteractionBatch(torch.as_tensor(users)[idx],
@@ -104,9 +110,19 @@ def _worker(rank, world, batch_positions, out_dir, mode, precision):
         _, _, shards = _shards(users, videos, ratio, full, world)
         shard = shards[rank]
         cols = clip_ids(shard.video_ids, N_C)
-        data = WorkerData.from_shard(shard, N_C, len(users),
-                                     features[cols] if mode == "visual" else None)
+        data = WorkerData.from_shard(shard, N_C, len(users), None if MODES[mode] else
+                                     features[cols])
+        if mode == "precomputed R~X":
+            data.clip_features = FrozenClipInputs.build(data.clip_features, data.graph)
         prop = DistributedPropagation(data.global_clip_ids, dist.new_group(backend="gloo"))
+        if mode == "owned features":  # my owned clips' rows; R~ X from 3 videos at a time
+            owned = clip_ids(owned_videos(N_VIDEOS, rank, world), N_C)
+            blocks = ((torch.arange(k * N_C, min(k + 3, len(shard.video_ids)) * N_C),
+                       torch.from_numpy(features[cols[k * N_C:(k + 3) * N_C]]))
+                      for k in range(0, len(shard.video_ids), 3))
+            data.clip_features = OwnedClipInputs(torch.from_numpy(owned),
+                                                 torch.from_numpy(features[owned]),
+                                                 *streamed_user_sums(data.graph, blocks, F), prop)
         model = _model(mode, features, propagation=prop)
         task = FRAMETrainTask(model, HybridLoss(1.0, 1.0, 1e-4), data.clip_features,
                               data.graph)
@@ -121,31 +137,56 @@ def _worker(rank, world, batch_positions, out_dir, mode, precision):
             g /= world
         total = loss.detach().clone()
         dist.all_reduce(total)
+        local = [0] * world
+        dist.all_gather_object(local, len(batch))
         if rank == 0:
             torch.save({"loss": float(total) / world, "grads": grads,
-                        "bytes": prop.bytes_sent, "local": len(batch)},
+                        "bytes": prop.bytes_sent, "local": local},
                        os.path.join(out_dir, "result.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("batch,mode,precision", [
-    (np.arange(0, 240, 3), "visual", "fp32"),  # the fast lane's one (~3 s per spawn of 2)
-    pytest.param(np.arange(240), "visual", "fp32", marks=pytest.mark.slow),
-    pytest.param(np.arange(0, 240, 2), "free clip table", "fp32", marks=pytest.mark.slow),
-    pytest.param(np.arange(0, 240, 2), "trainable clip features", "fp32",
+def _members_of_two_shards(world):
+    """Positions of a batch whose users all live in shards 0 and 1: shard 2's part is empty
+    (its worker still joins every collective)."""
+    users, videos, ratio, full, _ = _world()
+    _, _, shards = _shards(users, videos, ratio, full, world)
+    return np.flatnonzero(np.isin(users, np.concatenate([shards[0].user_rows,
+                                                          shards[1].user_rows])))[::2]
+
+
+@pytest.mark.parametrize("batch,mode,precision,world", [
+    (np.arange(0, 240, 3), "visual", "fp32", 2),  # the fast lane's one (~3 s per spawn of 2)
+    (np.arange(0, 240, 3), "precomputed R~X", "fp32", 2),
+    pytest.param(np.arange(240), "visual", "fp32", 2, marks=pytest.mark.slow),
+    pytest.param(np.arange(0, 240, 2), "precomputed R~X", "fp32", 3, marks=pytest.mark.slow),
+    pytest.param(_members_of_two_shards(3), "precomputed R~X", "fp32", 3,
+                 marks=pytest.mark.slow),
+    pytest.param(np.arange(0, 240, 3), "precomputed R~X", "bf16", 2, marks=pytest.mark.slow),
+    (np.arange(0, 240, 3), "owned features", "fp32", 2),
+    pytest.param(np.arange(0, 240, 2), "owned features", "fp32", 3, marks=pytest.mark.slow),
+    pytest.param(_members_of_two_shards(3), "owned features", "fp32", 3,
+                 marks=pytest.mark.slow),
+    pytest.param(np.arange(0, 240, 3), "owned features", "bf16", 2, marks=pytest.mark.slow),
+    pytest.param(np.arange(0, 240, 2), "free clip table", "fp32", 2, marks=pytest.mark.slow),
+    pytest.param(np.arange(0, 240, 2), "trainable clip features", "fp32", 2,
                  marks=pytest.mark.slow),
     # the all-reduced partial sums stay fp32
-    pytest.param(np.arange(0, 240, 3), "visual", "bf16", marks=pytest.mark.slow),
+    pytest.param(np.arange(0, 240, 3), "visual", "bf16", 2, marks=pytest.mark.slow),
 ])
-def test_two_workers_equal_one_process(tmp_path, batch, mode, precision):
+def test_workers_equal_one_process(tmp_path, batch, mode, precision, world):
     expected_loss, expected_grads = _single_process(batch, mode, precision)
-    mp.spawn(_worker, args=(2, batch.tolist(), str(tmp_path), mode, precision),
-             nprocs=2)
+    mp.spawn(_worker, args=(world, batch.tolist(), str(tmp_path), mode, precision),
+             nprocs=world)
     got = torch.load(tmp_path / "result.pt", weights_only=True)
     tol = 1e-5 if precision == "fp32" else 2e-2  # bf16: 8 mantissa bits, sums in another order
     assert got["loss"] == pytest.approx(expected_loss, abs=tol, rel=tol)
-    assert 0 < got["local"] < len(batch)  # each worker saw only its part of the batch
+    assert sum(got["local"]) == len(batch)  # each worker saw only its part of the batch
+    assert max(got["local"]) < len(batch)
+    users, videos, ratio, full, _ = _world()
+    shards = _shards(users, videos, ratio, full, world)[2]
+    assert got["local"] == [int(np.isin(users[batch], s.user_rows).sum()) for s in shards]
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got["grads"][name], grad, atol=tol, rtol=tol,
                                    msg=lambda m, n=name: f"{n}: {m}")
@@ -153,6 +194,8 @@ def test_two_workers_equal_one_process(tmp_path, batch, mode, precision):
     # (union of the batch's clips) x d floats per graph, forward and backward
     union_clips = len(np.unique(_world()[1][batch])) * N_C
     bound = 2 * (2 * union_clips * DIM * 4) + 2 * 8 * (union_clips + 1)
+    if mode == "owned features":  # + the batch clips' H_c^(0) from their owners
+        bound += 2 * union_clips * DIM * 4 + 8 * (union_clips + 1)
     assert 0 < got["bytes"] <= bound
 
 

@@ -154,7 +154,9 @@ def test_plan_terms_by_hand(hand_store):
         "clip feature read buffers": (4 + 4) * (2 * GRID) * 2048 * 2,
         "parameters": 4 * p, "gradients": 4 * p, "Adam states": 8 * p,
         "best weights copy": 4 * p,
-        "step: input FC side": 5 * 8 * 4 * 4,
+        # 3 users < 8 clips: R~ X precomputed, the FC on 2 x 3 users' sums + the batch's clips
+        "precomputed R~X, R~1": 2 * 3 * (2048 + 1) * 4,
+        "step: input FC side": local * 2048 * 4 + 5 * (2 * 3 + local) * 4 * 4,
         "step: user side": 8 * 2 * 3 * 4 * 4,
         "step: batch clips": 34 * union * 4 * 4,
         "step: pair MLPs": 2 * 4 * (5 * 2 * 8 + 5 * 4) * 4,
@@ -173,17 +175,18 @@ def test_plan_terms_by_hand(hand_store):
 
 
 def test_communication_bytes_by_hand(hand_store):
-    """W = 2, expected shares (no committed graph): batches of 2, 2, 1 rows; per graph the ids of
-    the longest worker ((L + 1) x 8 B) and the (|U|, d) all-reduce forward + backward."""
+    """W = 2, expected shares (no committed graph): batches of 2, 2, 1 rows; per graph, and once
+    more for the owners' H_c^(0) rows (frozen features partitioned by owner), the ids of the
+    longest worker ((L + 1) x 8 B) and the (|U|, d) all-reduce forward + backward."""
     store, overrides = hand_store
     cfg = load_config(None, [*overrides, "train.workers=2", "graph.n_shards=2"])
     plan = plan_training(read_data_stats(store, cfg), cfg, Budget(GIB), "cpu")
     # batch of 2: |U| = 4 x 1.6; a worker owns half of each video's rows (1.5 and 1)
     longest = 4 * ((1 - 0.6 ** 1.5) + (1 - 0.6 ** 1))
-    two = 2 * ((longest + 1) * 8 + 2 * (4 * 1.6) * 4 * 4)
+    two = 3 * ((longest + 1) * 8 + 2 * (4 * 1.6) * 4 * 4)
     # batch of 1: exactly one video, |U| = 4
     longest = 4 * ((1 - 0.8 ** 1.5) + (1 - 0.8 ** 1))
-    one = 2 * ((longest + 1) * 8 + 2 * 4 * 4 * 4)
+    one = 3 * ((longest + 1) * 8 + 2 * 4 * 4 * 4)
     assert plan.comm_bytes_per_step == pytest.approx((2 * two + one) / 3)
     assert plan.worker.shards == 1 and plan.worker.users == pytest.approx(1.5)
     gpu = plan_training(read_data_stats(store, cfg), cfg, Budget(GIB), "cuda")

@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ import scipy.sparse as sp
 from feature_store.frames import (
     committed_video_ids,
     frame_feature_moments,
+    iter_clip_features,
     read_clip_features,
     stored_identity,
 )
@@ -289,12 +291,27 @@ def load_clip_features(store: Store, manifest: GraphManifest, videos: np.ndarray
     stored in the graph manifest). The encoder's raw scale (e.g. a randomly initialised trunk
     gives feature norms in the hundreds) then never reaches the model's initialisation.
     """
-    ids = [manifest.video_ids[v] for v in np.asarray(videos, dtype=np.int64)]
-    features = read_clip_features(store, manifest.n_clips, ids).features  # (V * N_c, D)
-    mean = np.asarray(manifest.feature_mean, dtype=np.float32)
-    std = np.maximum(np.asarray(manifest.feature_std, dtype=np.float32), 1e-6)
-    features -= mean
-    features /= std
+    features = read_clip_features(store, manifest.n_clips, _video_ids(manifest, videos)).features
+    return _standardise(features, manifest)  # (V * N_c, D)
+
+
+def stream_clip_features(store: Store, manifest: GraphManifest, videos: np.ndarray
+                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`load_clip_features` one stored part at a time: yields (positions in ``videos``
+    (n,), their standardised clip features (n, N_c, D) float32)."""
+    _, _, _, parts = iter_clip_features(store, manifest.n_clips, _video_ids(manifest, videos))
+    for rows, clips in parts:
+        yield rows, _standardise(clips, manifest)
+
+
+def _video_ids(manifest: GraphManifest, videos: np.ndarray) -> list[str]:
+    return [manifest.video_ids[v] for v in np.asarray(videos, dtype=np.int64)]
+
+
+def _standardise(features: np.ndarray, manifest: GraphManifest) -> np.ndarray:
+    """In place: minus the manifest's mean, divided by its standard deviation (floored)."""
+    features -= np.asarray(manifest.feature_mean, dtype=np.float32)
+    features /= np.maximum(np.asarray(manifest.feature_std, dtype=np.float32), 1e-6)
     return features
 
 

@@ -32,18 +32,21 @@ its own, so that the model applies W^(2), ReLU and eqs. 9-10 to the whole graph'
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from frame_dist.model.clip_inputs import FrozenClipInputs
 from frame_dist.model.propagation import (
     Adjacency,
     LocalPropagation,
     PropagationGraph,
     csr_gather_rows,
-    csr_select_columns,
     csr_tensor,
+    csr_transpose,
     sparse_matmul,
 )
 
@@ -95,8 +98,7 @@ class DistributedPropagation(LocalPropagation):
             present = torch.zeros_like(union, dtype=torch.bool)
         local = at[present]  # local clip index of each present union entry
         rows = csr_gather_rows(adj.transpose, local)  # (P, M_local)
-        partial_present = sparse_matmul(rows, x_users,  # (P, d); distinct local clips, so the
-                                        lambda: csr_select_columns(adj.matrix, local))  # cheap T
+        partial_present = sparse_matmul(rows, x_users, lambda: csr_transpose(rows))  # (P, d)
         partial = partial_present.new_zeros(union.numel(), x_users.shape[1]).index_copy(
             0, torch.nonzero(present).squeeze(1), partial_present)  # (U, d) fp32, as R~
         self.bytes_sent += 2 * partial.numel() * partial.element_size()  # forward + backward
@@ -116,6 +118,62 @@ class DistributedPropagation(LocalPropagation):
         self.bytes_sent += (padded.numel() + 1) * padded.element_size()
         everything = torch.cat(gathered)
         return torch.unique(everything[everything >= 0])  # sorted
+
+
+def owned_videos(n_videos: int, rank: int, world: int) -> np.ndarray:
+    """Global video indices whose clip features worker ``rank`` of ``world`` keeps: v % W == rank
+    (C / W clips each, whatever the popularity)."""
+    return np.arange(rank, n_videos, world, dtype=np.int64)
+
+
+class OwnedClipInputs(FrozenClipInputs):
+    """:class:`FrozenClipInputs` on W workers, the clip features partitioned by owner.
+
+    This worker keeps the features of the clips it owns (``owned_videos``: C / W x F) and the
+    precomputed R~ X of its own users (M_w x F, built from the store one part at a time with
+    ``streamed_user_sums``), never all of its local clips' features. H_c^(0) of a batch's clips
+    (eq. 10) is computed by their owners: every worker encodes its owned clips of the union of
+    every worker's batch clips into a (U, d) zero tensor, and an autograd-aware all-reduce sums
+    them (one owner per row), whose backward brings every worker's gradient to the owners. The
+    payload (ids, and (U, d) float32 forward and backward) follows the batch and is counted in
+    ``propagation.bytes_sent``.
+
+    Args:
+        owned_clip_ids: (C_own,) ascending global ids of the clips whose features are here.
+        features: (C_own, F) their features.
+        pos, neg: (R~ X, R~ 1) of this worker's users (``streamed_user_sums``).
+        propagation: the model's :class:`DistributedPropagation` (its local clip ids, group,
+            and byte counter).
+    """
+
+    def __init__(self, owned_clip_ids: Tensor, features: Tensor, pos: tuple[Tensor, Tensor],
+                 neg: tuple[Tensor, Tensor] | None, propagation: DistributedPropagation):
+        super().__init__(features, pos, neg)
+        ids = owned_clip_ids.to(torch.long)
+        if tuple(features.shape[:1]) != tuple(ids.shape):
+            raise ValueError(f"OwnedClipInputs: {ids.numel()} owned clip ids for "
+                             f"{features.shape[0]} feature rows")
+        self.register_buffer("owned_clip_ids", ids, persistent=False)
+        self.propagation = propagation
+
+    def clip_rows(self, encode: Callable[[Tensor], Tensor], clips: Tensor | None) -> Tensor:
+        prop = self.propagation
+        local_ids = prop.global_clip_ids.to(self.owned_clip_ids.device)
+        mine = local_ids if clips is None else local_ids[clips]  # (n,) global ids I need
+        union = prop._union(mine)  # (U,) sorted, every worker's
+        owned = self.owned_clip_ids
+        if owned.numel():
+            at = torch.searchsorted(owned, union).clamp(max=owned.numel() - 1)
+            present = owned[at] == union
+        else:
+            at = torch.zeros_like(union)
+            present = torch.zeros_like(union, dtype=torch.bool)
+        encoded = encode(self.features[at[present]]).float()  # (P, d) my share of the rows
+        part = encoded.new_zeros(union.numel(), encoded.shape[1]).index_copy(
+            0, torch.nonzero(present).squeeze(1), encoded)  # (U, d)
+        prop.bytes_sent += 2 * part.numel() * part.element_size()  # forward + backward
+        total = _all_reduce_sum(part, prop.group)  # (U, d): every row from its owner
+        return total[torch.searchsorted(union, mine)]  # (n, d)
 
 
 class RecordedClipSums(LocalPropagation):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from frame_dist.model.clip_inputs import FrozenClipInputs
 from frame_dist.model.propagation import LocalPropagation, PropagationGraph, clip_ids
 
 AGGREGATIONS = ("mean", "survival")  # how a video's clip scores make its score (video_logit)
@@ -299,33 +300,70 @@ class FRAME(nn.Module):
         if h_c0.shape[0] != graph.n_clips:
             raise ValueError(f"H_c^(0) has {h_c0.shape[0]} rows, the graph has {graph.n_clips} "
                              "clips")
-        if self.use_negative and graph.neg is None:
-            raise ValueError("FRAME(use_negative=True) needs a graph with the negative "
-                             "adjacency (graph.neg is None)")
+        self._check_negative(graph)
         prop = self.propagation if propagation is None else propagation
+        sums_neg = prop.users_from_clips(graph.neg, h_c0) if self.use_negative else None
+        return self._gcn(prop.users_from_clips(graph.pos, h_c0), sums_neg,
+                         h_c0 if clips is None else h_c0[clips], graph, clips, prop)
+
+    def _gcn(self, sums_pos: Tensor, sums_neg: Tensor | None, h_c0_rows: Tensor,
+             graph: PropagationGraph, clips: Tensor | None, prop: LocalPropagation) -> Embeddings:
+        """Eqs. 7-10 from the user-side sums R~^p H_c^(0), R~^n H_c^(0) (M, d) and H_c^(0) of
+        ``clips`` (n, d)."""
         # eq. 7: (R~ H_c^(0)) W costs M_local d^2, less than R~ (H_c^(0) W) at C d^2 when M < C
-        h_u_pos = torch.relu(self.w_pos_1(prop.users_from_clips(graph.pos, h_c0)))  # (M, d)
+        h_u_pos = torch.relu(self.w_pos_1(sums_pos))  # (M, d)
         h_c_pos = torch.relu(self.w_pos_2(
             prop.clips_from_users(graph.pos, h_u_pos, clips)))  # (n, d) eq. 8
         h_u_neg = None
         if self.use_negative:
-            h_u_neg = torch.relu(self.w_neg_1(prop.users_from_clips(graph.neg, h_c0)))  # (M, d)
+            h_u_neg = torch.relu(self.w_neg_1(sums_neg))  # (M, d)
             h_c_neg = torch.relu(self.w_neg_2(
                 prop.clips_from_users(graph.neg, h_u_neg, clips)))  # (n, d) eq. 8
             h_c1 = 0.5 * (h_c_pos + h_c_neg)  # (n, d) eq. 9
         else:
             h_c1 = h_c_pos  # (n, d)
-        h_c0_rows = h_c0 if clips is None else h_c0[clips]  # (n, d)
         h_c = self.layer_weights[0] * h_c0_rows + self.layer_weights[1] * h_c1  # (n, d) eq. 10
         return Embeddings(h_c, h_u_pos, h_u_neg)
 
-    def embeddings(self, clip_features: Tensor | None, graph: PropagationGraph,
-                   clips: Tensor | None = None) -> Embeddings:
+    def _check_negative(self, graph: PropagationGraph) -> None:
+        if self.use_negative and graph.neg is None:
+            raise ValueError("FRAME(use_negative=True) needs a graph with the negative "
+                             "adjacency (graph.neg is None)")
+
+    def embeddings(self, clip_features: Tensor | FrozenClipInputs | None,
+                   graph: PropagationGraph, clips: Tensor | None = None) -> Embeddings:
         """(H_c, H_u^p, H_u^n): the whole propagation from the clip features (eqs. 1-10).
 
-        Iterable, so ``h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)``.
+        ``clip_features`` (C, F), or the same features as :class:`FrozenClipInputs` (their
+        user-side sums precomputed: the FC runs on the users' sums and ``clips`` only, not on
+        all C clips; the same result). Iterable, so
+        ``h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)``.
         """
+        if isinstance(clip_features, FrozenClipInputs):
+            return self._embeddings_frozen(clip_features, graph, clips)
         return self.propagate(self.clip_input(clip_features, graph.clip_ids), graph, clips)
+
+    def _embeddings_frozen(self, inputs: FrozenClipInputs, graph: PropagationGraph,
+                           clips: Tensor | None) -> Embeddings:
+        """:meth:`embeddings` from precomputed R~ X: eq. 7's sums are e(.) of the users' feature
+        sums with the bias scaled by R~ 1 (``frame_dist.model.clip_inputs``)."""
+        if not self.use_visual or self.trainable_clip_features:
+            raise ValueError("FrozenClipInputs needs frozen visual features (use_visual=True, "
+                             "trainable_clip_features=False)")
+        if inputs.n_users != graph.n_users:
+            raise ValueError(f"FrozenClipInputs has {inputs.n_users} users, the graph "
+                             f"{graph.n_users}")
+        self._check_negative(graph)
+
+        def user_side(side: str) -> Tensor:  # R~ H_c^(0) = e(R~ X) with b scaled by R~ 1
+            sums, degree = inputs.user_sums(side)
+            w = self.input_proj.weight
+            x = F.linear(sums.to(w.dtype), w) + degree.to(w.dtype) * self.input_proj.bias
+            return self.enhancement(x) if self.enhance else x  # (M, d)
+
+        sums_neg = user_side("neg") if self.use_negative else None
+        h_c0_rows = inputs.clip_rows(self.clip_input, clips)  # (n, d)
+        return self._gcn(user_side("pos"), sums_neg, h_c0_rows, graph, clips, self.propagation)
 
     # ------------------------------------------------------------------ scores (eqs. 11-13)
 
@@ -379,8 +417,9 @@ class FRAME(nn.Module):
             scores = scores.masked_fill(exclude, float("-inf"))
         return torch.topk(scores, min(k, scores.shape[1]), dim=1)
 
-    def score_pairs(self, clip_features: Tensor | None, graph: PropagationGraph,
-                    users: Tensor, videos: Tensor, batch_size: int | None = None) -> Tensor:
+    def score_pairs(self, clip_features: Tensor | FrozenClipInputs | None,
+                    graph: PropagationGraph, users: Tensor, videos: Tensor,
+                    batch_size: int | None = None) -> Tensor:
         """y(u, v) (eq. 13) for (user, video) pairs, propagating only to their videos' clips.
 
         One propagation; the pair MLPs then run ``batch_size`` pairs at a time (None: all at
@@ -458,8 +497,9 @@ class FRAME(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def forward(self, clip_features: Tensor | None, graph: PropagationGraph, users: Tensor,
-                videos: Tensor, watched: Tensor) -> FrameOutput:
+    def forward(self, clip_features: Tensor | FrozenClipInputs | None,
+                graph: PropagationGraph, users: Tensor, videos: Tensor,
+                watched: Tensor) -> FrameOutput:
         """Scores a training batch needs (eqs. 12 and 15), propagating only to its clips.
 
         Args:
@@ -482,8 +522,13 @@ class FRAME(nn.Module):
         h_c_pair = h_c.view(-1, n_c, self.dim)[inverse]  # (B, N_c, d)
         hp = h_u_pos[users]  # (B, d)
         hn = None if h_u_neg is None else h_u_neg[users]  # (B, d)
-        clip_scores = self.clip_scores(hp[:, None], None if hn is None else hn[:, None],
-                                       h_c_pair)  # (B, N_c)
+        # eq. 12 with each MLP's clip half computed once per distinct clip of the batch (U of
+        # them), then gathered per pair: U d hidden instead of B N_c d hidden multiply-adds
+        clip_scores = 0.0
+        for (mlp, scale), h_u in zip(self._preference_sides(), (hp, hn)):
+            z = (mlp.user_part(h_u)[:, None]  # (B, 1, hidden)
+                 + mlp.clip_part(h_c).view(-1, n_c, mlp.hidden.out_features)[inverse])
+            clip_scores = clip_scores + scale * mlp.out(torch.relu(z)).squeeze(-1)  # (B, N_c)
         position = torch.arange(n_c, device=h_c.device)
         played = (position[None, :] < watched[:, None]).to(h_c.dtype)  # (B, N_c)
         n_played = played.sum(1, keepdim=True).clamp(min=1.0)  # (B, 1)

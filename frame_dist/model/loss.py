@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from frame_dist.model.clip_inputs import FrozenClipInputs
 from frame_dist.model.frame import FRAME, FrameOutput
 from frame_dist.model.propagation import PropagationGraph
 
@@ -144,8 +145,8 @@ class FRAMETrainTask(nn.Module):
 
     Holds the (constant) clip features and propagation graph of this process, so a training
     engine (plain torch or DeepSpeed) only sees a module whose forward returns the loss.
-    ``clip_features`` is a non-persistent buffer: it follows ``.to(device)`` and stays out of
-    checkpoints; the graph is moved with :meth:`to_device`.
+    ``clip_features`` (a tensor, or :class:`FrozenClipInputs`) is non-persistent: it follows
+    ``.to(device)`` and stays out of checkpoints; the graph is moved with :meth:`to_device`.
 
     Example::
 
@@ -154,12 +155,15 @@ class FRAMETrainTask(nn.Module):
         >>> loss.backward()
     """
 
-    def __init__(self, model: FRAME, loss: HybridLoss, clip_features: Tensor | None,
-                 graph: PropagationGraph):
+    def __init__(self, model: FRAME, loss: HybridLoss,
+                 clip_features: Tensor | FrozenClipInputs | None, graph: PropagationGraph):
         super().__init__()
         self.model = model
         self.loss = loss
-        self.register_buffer("clip_features", clip_features, persistent=False)
+        if isinstance(clip_features, FrozenClipInputs):  # a module of non-persistent buffers
+            self.clip_features = clip_features
+        else:
+            self.register_buffer("clip_features", clip_features, persistent=False)
         self.graph = graph
 
     def to_device(self, device: torch.device | str) -> FRAMETrainTask:

@@ -1,7 +1,7 @@
 """The training loop of FRAME, shared by the single-process trainer and the Ray Train workers.
 
-:func:`fit` owns what both must do alike: the epochs and their sampler (the ``epoch``-th
-permutation of the N training interactions from ``default_rng(train.seed)``, cut into global
+:func:`fit` owns what both must do alike: the epochs and their sampler (a permutation of
+the N training interactions from ``default_rng([train.seed, epoch])``, cut into global
 batches of B), the per-epoch history (:class:`EpochRecord`), early stopping on validation AUC
 (the best AUC starts at -inf; ``train.patience`` epochs without a better one stop the run), the
 best weights, their calibration (Platt scaling on the validation split, fitted once training
@@ -55,11 +55,8 @@ def check_split_labels(split: str, rows: int, positives: int, where: str = "trai
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The global order of the training interactions in ``epoch`` (1-based), identical on every
-    worker and on resume: the ``epoch``-th permutation drawn from ``default_rng(seed)``."""
-    rng = np.random.default_rng(seed)
-    for _ in range(epoch - 1):
-        rng.permutation(n)
-    return rng.permutation(n)
+    worker and on resume: ``default_rng([seed, epoch]).permutation(n)``, O(n) in any epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def steps_per_epoch(n_train: int, cfg: TrainConfig) -> int:

@@ -488,11 +488,13 @@ def _comm_bytes_per_step(stats: DataStats, cfg: Config, shares: list[WorkerShare
     """Mean payload per step and worker of ``DistributedPropagation`` (what metrics.json reports):
     per graph, the all-gather of the longest worker's clip ids ((L + 1) x 8 B, the +1 is the
     size) and the (|U|, d) all-reduce forward and backward (2 |U| d x 4 B: the partial sums
-    are fp32 under bf16 autocast too)."""
+    are fp32 under bf16 autocast too); with frozen features once more for the owners' H_c^(0)
+    rows of the batch's clips (``OwnedClipInputs``)."""
     if cfg.train.workers == 1 or stats.n_train == 0:
         return 0.0
     n_c, d = cfg.graph.n_clips, cfg.model.dim
     graphs = 2 if cfg.model.use_negative else 1
+    owned = int(cfg.model.use_visual and not cfg.model.trainable_clip_features)  # W > 1 here
     value = 4  # fp32 sums (sparse_matmul runs outside autocast)
     total, sizes = 0.0, _batch_sizes(stats, cfg)
     cache: dict[int, float] = {}
@@ -500,7 +502,8 @@ def _comm_bytes_per_step(stats: DataStats, cfg: Config, shares: list[WorkerShare
         if b not in cache:
             union = n_c * expected_distinct(stats.video_train, stats.n_train, b)
             longest = max(_local_clips(stats, n_c, s.train / stats.n_train, b) for s in shares)
-            cache[b] = graphs * ((longest + 1) * 8 + 2 * union * d * value)
+            per_exchange = (longest + 1) * 8 + 2 * union * d * value
+            cache[b] = (graphs + owned) * per_exchange  # + the owners' H_c^(0) rows
         total += cache[b]
     return total / max(len(sizes), 1)
 
@@ -555,9 +558,15 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
         terms.append(Term("graph shard on GPU", 24 * used + graphs * 8 * (m_w + c_w + 2),
                           "device", f"{used:,.0f} edges x 2 x (8 B column + 4 B value)"))
     part = stats.feature_part_rows * f * 2  # one frame-features part file, float16
+    # frozen features: on W > 1 partitioned by owner (C / W each, OwnedClipInputs); on one
+    # worker with fewer users than clips, R~ X precomputed from the local clips' features
+    owned = w > 1 and m.use_visual and not m.trainable_clip_features
+    frozen = owned or (m.use_visual and not m.trainable_clip_features and m_w < c_w)
     if m.use_visual and not m.trainable_clip_features:
-        feats = c_w * f * 4
+        c_own = c_total / w if owned else c_w
+        feats = c_own * f * 4
         terms.append(Term("clip features", feats, "host",
+                          f"C / W = {c_own:,.0f} owned clips x F = {f} x 4 B" if owned else
                           f"C_w = {c_w:,.0f} local clips x F = {f} x 4 B"))
         if gpu:
             terms.append(Term("clip features on GPU", feats, "device", "the same, copied"))
@@ -588,10 +597,27 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
         terms.append(Term("ZeRO reduce bucket", 4 * bucket, dev,
                           f"{bucket:,} x 4 B ({'allocated whole' if gpu else 'touched pages'})"))
 
+    # frozen: R~ X precomputed per graph, the FC on the users' sums and the batch's clips
+    # (frame_dist.model.clip_inputs; on W > 1 each owner encodes its share of the batch's clips
+    # and a (U, d) all-reduce, forward and backward, hands the rows to every worker)
+    if frozen:
+        terms.append(Term("precomputed R~X, R~1", graphs * m_w * (f + 1) * 4, dev,
+                          f"{graphs} graph(s) x M_w = {m_w:,.0f} x (F = {f} + 1) x 4 B"))
+        rows_fc = clips_u / w if owned else local_u  # the batch clips this worker encodes
+        fc_rows = graphs * m_w + rows_fc
+        exchange = 3 * clips_u * d * 4 if owned else 0
+        fc_term = Term("step: input FC side", rows_fc * f * 4 + 5 * fc_rows * d * 4 + exchange,
+                       dev, f"{rows_fc:,.0f} batch clips x F x 4 B (their features) + 5 x "
+                       f"({graphs} x M_w + {rows_fc:,.0f}) = {fc_rows:,.0f} x d = {d} x 4 B (FC "
+                       "outputs, W_t, gradients)"
+                       + (f" + 3 x U = {clips_u:,.0f} x d x 4 B (owners' rows, all-reduced)"
+                          if owned else ""))
+    else:
+        fc_term = Term("step: input FC side", 5 * c_w * d * 4, dev,
+                       f"5 x C_w = {c_w:,.0f} x d = {d} x 4 B (f_c, e_c and their gradients)")
     # one training step: every tensor it allocates (the CPU allocator keeps freed blocks)
     terms += [
-        Term("step: input FC side", 5 * c_w * d * 4, dev,
-             f"5 x C_w = {c_w:,.0f} x d = {d} x 4 B (f_c, e_c and their gradients)"),
+        fc_term,
         Term("step: user side", 8 * graphs * m_w * d * 4, dev,
              f"8 x {graphs} graph(s) x M_w = {m_w:,.0f} x d x 4 B (R~ H, W, ReLU, grads)"),
         Term("step: batch clips", (12 * graphs + 10) * clips_u * d * act, dev,

@@ -51,6 +51,7 @@ from frame_dist.graph.shards import (
     split_label_counts,
 )
 from frame_dist.model.calibration import Calibration
+from frame_dist.model.clip_inputs import clip_inputs_for
 from frame_dist.model.distributed import DistributedPropagation
 from frame_dist.model.frame import FRAME
 from frame_dist.tracking import RunLogger, TrackedRun, open_run
@@ -82,7 +83,7 @@ from frame_dist.train.trainer import (
     calibrate,
     evaluate,
 )
-from frame_dist.train.worker_data import WorkerData
+from frame_dist.train.worker_data import WorkerData, owned_clip_inputs
 
 
 def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
@@ -168,10 +169,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     n_shards = graph_manifest.n_shards
     shard, manifest = load_shards(store, n_clips, [k for k in range(n_shards) if k % world == rank])
     features, table_init = None, None
+    # frozen features on W > 1: partitioned by owner, R~ X streamed (worker_data.owned_clip_inputs)
+    owned = world > 1 and cfg.model.use_visual and not cfg.model.trainable_clip_features
     if cfg.model.trainable_clip_features:  # the model's table: every clip, on every worker
         table_init = torch.from_numpy(
             load_clip_features(store, manifest, np.arange(manifest.n_videos)))
-    elif cfg.model.use_visual:
+    elif cfg.model.use_visual and not owned:
         features = load_clip_features(store, manifest, shard.video_ids)
     data = WorkerData.from_shard(shard, n_clips, manifest.n_train, features,
                                  with_negative=cfg.model.use_negative).to(device)
@@ -183,6 +186,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         n_clips_total=manifest.n_videos * n_clips, propagation=propagation,
                         seed=cfg.train.seed, clip_features=table_init)
     del table_init
+    if owned:
+        data.clip_features = owned_clip_inputs(store, manifest, data, propagation, rank, world)
+    else:  # one worker, frozen features: R~ X precomputed once (model.clip_inputs)
+        data.clip_features = clip_inputs_for(model, data.clip_features, data.graph)
     from frame_dist.model.loss import FRAMETrainTask
 
     task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model.use_negative), data.clip_features,

@@ -32,6 +32,7 @@ from frame_dist.config import (
 from frame_dist.console import FrameDistWarning
 from frame_dist.graph.clip_graph import Interactions, clip_labels
 from frame_dist.model.calibration import Calibration, fit_platt
+from frame_dist.model.clip_inputs import clip_inputs_for
 from frame_dist.model.distributed import DistributedPropagation
 from frame_dist.model.frame import FRAME
 from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch
@@ -276,8 +277,9 @@ def train(model: FRAME, clip_features: Tensor | None, graph: PropagationGraph,
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     loss = loss or build_loss(cfg, model.use_negative)
-    if clip_features is not None:
-        clip_features = clip_features.to(device=device, dtype=torch.float32)
+    if clip_features is not None:  # frozen features: R~ X precomputed (model.clip_inputs)
+        clip_features = clip_inputs_for(model, clip_features.to(dtype=torch.float32),
+                                        graph).to(device)
     task = FRAMETrainTask(model, loss, clip_features, graph).to_device(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     users, videos, watched = (torch.as_tensor(a, dtype=torch.long, device=device)

@@ -26,7 +26,14 @@ from torch import Tensor
 from feature_store.store import Store
 from frame_dist.graph.clip_graph import adjacency
 from frame_dist.graph.manifest import GraphManifest
-from frame_dist.graph.shards import Shard, load_clip_features, load_whole_graph
+from frame_dist.graph.shards import (
+    Shard,
+    load_clip_features,
+    load_whole_graph,
+    stream_clip_features,
+)
+from frame_dist.model.clip_inputs import FrozenClipInputs, streamed_user_sums
+from frame_dist.model.distributed import DistributedPropagation, OwnedClipInputs, owned_videos
 from frame_dist.model.loss import InteractionBatch
 from frame_dist.model.propagation import PropagationGraph, clip_ids
 
@@ -36,7 +43,9 @@ class WorkerData:
     """One worker's graph rows, clip features and interactions, as tensors."""
 
     graph: PropagationGraph  # local users x local clips
-    clip_features: Tensor | None  # (C_local, F) float32; None without visual features
+    # (C_local, F) float32, or as FrozenClipInputs (the training loop swaps them in, frozen
+    # features only); None without visual features
+    clip_features: Tensor | FrozenClipInputs | None
     global_clip_ids: Tensor  # (C_local,) global clip id of each local clip (ascending)
     user_rows: np.ndarray  # (M_local,) global user index of each local row
     video_ids: np.ndarray  # (V_local,) global video index of each local video
@@ -110,3 +119,20 @@ def whole_graph(store: Store, n_clips: int, use_negative: bool = True,
     data = WorkerData.from_shard(shard, n_clips, manifest.n_train, features,
                                  with_negative=use_negative)
     return data, manifest
+
+
+def owned_clip_inputs(store: Store, manifest: GraphManifest, data: WorkerData,
+                      propagation: DistributedPropagation, rank: int, world: int
+                      ) -> OwnedClipInputs:
+    """This worker's clip input on W > 1 workers with frozen features: the features of the clips
+    it owns (C / W x F) and R~ X of its users, streamed from the store one part at a time
+    (``frame_dist.model.distributed.OwnedClipInputs``). Tensors on the graph's device."""
+    n_c = data.graph.clips_per_video
+    device = data.graph.pos.matrix.device
+    blocks = ((torch.from_numpy(clip_ids(rows, n_c)), torch.from_numpy(x.reshape(-1, x.shape[-1])))
+              for rows, x in stream_clip_features(store, manifest, data.video_ids))
+    pos, neg = streamed_user_sums(data.graph, blocks, len(manifest.feature_mean))
+    owned = owned_videos(manifest.n_videos, rank, world)
+    features = torch.from_numpy(load_clip_features(store, manifest, owned)).to(device)
+    return OwnedClipInputs(torch.from_numpy(clip_ids(owned, n_c)).to(device), features, pos,
+                           neg, propagation)
