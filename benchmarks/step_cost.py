@@ -48,7 +48,12 @@ from frame_dist.graph.clip_graph import build_graph, clip_labels, to_torch  # no
 from frame_dist.model.clip_inputs import FrozenClipInputs  # noqa: E402
 from frame_dist.model.loss import FRAMETrainTask, InteractionBatch  # noqa: E402
 from frame_dist.train.loop import torch_step  # noqa: E402
-from frame_dist.train.trainer import build_loss, build_model  # noqa: E402
+from frame_dist.train.trainer import (  # noqa: E402
+    autocast_for,
+    build_loss,
+    build_model,
+    cpu_has_bf16,
+)
 
 AUTHORS_STEP_S = 0.98  # the authors' code, 1024-row batch, this machine (issue 14's measurement)
 
@@ -65,19 +70,21 @@ def world(users: int, videos: int, per_user: int, n_c: int, features: int, seed:
     return to_torch(graph), x, (u, v, clip_labels(r, full, n_c))
 
 
-def _task(x, pg, frozen: bool, features: int, seed: int = 0):
+def _task(x, pg, frozen: bool, features: int, seed: int = 0, precision: str = "fp32"):
     model = build_model(ModelConfig(), features, seed=seed)
     inputs = FrozenClipInputs.build(x, pg) if frozen else x
     task = FRAMETrainTask(model, build_loss(TrainConfig(), True), inputs, pg)
-    return model, torch_step(task, torch.optim.Adam(model.parameters(), lr=1e-3))
+    return model, torch_step(task, torch.optim.Adam(model.parameters(), lr=1e-3),
+                             autocast_for("cpu", precision))
 
 
-def side_by_side(pg, x, arrays, steps: int, batch: int, features: int) -> dict[str, float]:
+def side_by_side(pg, x, arrays, steps: int, batch: int, features: int,
+                 precision: str = "fp32") -> dict[str, float]:
     """Median step (s) of the dense and the frozen path, alternating on the same batches."""
     start = time.perf_counter()
-    _, frozen_step = _task(x, pg, True, features)
+    _, frozen_step = _task(x, pg, True, features, precision=precision)
     precompute_s = time.perf_counter() - start
-    _, dense_step = _task(x, pg, False, features)
+    _, dense_step = _task(x, pg, False, features, precision=precision)
     u, v, w = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in arrays)
     order = torch.from_numpy(np.random.default_rng(0).permutation(len(u)))
     times: dict[str, list[float]] = {"dense": [], "frozen": []}
@@ -97,17 +104,22 @@ def side_by_side(pg, x, arrays, steps: int, batch: int, features: int) -> dict[s
 
 
 def part_shape(args) -> None:
-    pg, x, arrays = world(1500, 2000, 25, 4, args.features, args.seed)
-    r = side_by_side(pg, x, arrays, args.steps, args.batch, args.features)
-    print(f"\n[shape] 1,500 users, 2,000 videos, {len(arrays[0]):,} rows, N_c=4, F="
-          f"{args.features}, batch {args.batch}, {args.steps} steps each (median)")
-    print(f"  dense  step {r['dense']:.4f} s   (FC over all {pg.n_clips:,} clips)")
-    print(f"  frozen step {r['frozen']:.4f} s   (FC over {pg.n_users:,} users' R~X + "
-          f"~{r['videos_per_batch'] * 4:,.0f} batch clips; R~X built once in "
-          f"{r['precompute_s']:.2f} s)")
-    print(f"  dense / frozen = {r['dense'] / r['frozen']:.2f}x;  authors' code "
-          f"{AUTHORS_STEP_S} s / frozen = {AUTHORS_STEP_S / r['frozen']:.1f}x (target >= 20x, "
-          f"step <= 0.05 s)")
+    print(f"\n[shape] 1,500 users, 2,000 videos, 37,500 rows, N_c=4, batch {args.batch}, "
+          f"{args.steps} steps each (median); the authors' code: {AUTHORS_STEP_S} s per batch "
+          "(F = 128 clip features)")
+    print(f"  {'setting':<28}{'dense s':>9}{'frozen s':>10}{'dense/frozen':>14}"
+          f"{'authors/frozen':>16}{'R~X build s':>13}")
+    settings = [(args.features, "fp32"), (args.features, "bf16"), (128, "fp32")]
+    for features, precision in settings:
+        if precision == "bf16" and not cpu_has_bf16():
+            continue
+        pg, x, arrays = world(1500, 2000, 25, 4, features, args.seed)
+        r = side_by_side(pg, x, arrays, args.steps, args.batch, features, precision)
+        print(f"  {f'F={features}, {precision}':<28}{r['dense']:>9.4f}{r['frozen']:>10.4f}"
+              f"{r['dense'] / r['frozen']:>13.2f}x{AUTHORS_STEP_S / r['frozen']:>15.1f}x"
+              f"{r['precompute_s']:>13.2f}")
+    print(f"  batch: ~{r['videos_per_batch'] * 4:,.0f} distinct clips of {pg.n_clips:,}; target: "
+          "the default model (F = 2048, fp32) <= 0.05 s, 20x the authors'")
 
 
 def part_catalogue(args) -> None:
@@ -148,12 +160,15 @@ def child(args) -> None:
     m, f, d, h = pg.n_users, args.features, model.dim, model.hidden
     nnz = pg.pos.nnz + pg.neg.nnz
     u_clips = float(np.mean(clips))
-    flops = {  # forward + backward (x3 for the dense layers: forward, weight and input grads)
+    b = args.batch
+    flops = {  # multiply-adds x 2, forward + backward (x3: forward, weight and input grads)
         "FC on users' R~X": 2 * 2 * m * f * d * 2,  # pos and neg; no input gradient
         "FC on batch clips": 2 * u_clips * f * d * 2,
         "sparse products": 2 * nnz * d * 3 * 2,
         "d x d layers": 2 * (4 * m + 2 * u_clips) * d * d * 3,
-        "MLPs": 2 * args.batch * (n_c + 1) * 2 * (2 * d * h + h) * 3,
+        # per side: user halves (B), clip halves once per distinct clip (U), ReLU + output
+        # layer per (pair, clip), and the watched-mean score (B x 2d x hidden)
+        "MLPs": 2 * 2 * ((b + u_clips) * d * h + b * n_c * h + b * 2 * d * h) * 3,
     }
     total = sum(flops.values())
     print(json.dumps(dict(n_c=n_c, C=pg.n_clips, step_s=float(np.median(times)),

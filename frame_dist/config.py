@@ -36,7 +36,9 @@ class StoreConfig:
 
 @dataclass
 class WorldConfig:
-    preset: Literal["small", "medium", "custom"] = "small"  # sizes below are set by the preset
+    # sizes below are set by the preset; micro-video-a/-b: the paper's datasets' users, videos
+    # and interactions (feature-only worlds, frame_dist.ingest.feature_world)
+    preset: Literal["small", "medium", "micro-video-a", "micro-video-b", "custom"] = "small"
     seed: int = 0  # everything in the world is a deterministic function of this seed
     out_dir: str = "out/world"  # where the mp4 files and the source tables are written
     n_users: int = 60  # M
@@ -256,6 +258,10 @@ class Config:
 WORLD_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(n_users=60, n_videos=40, interactions_per_user=24),
     "medium": dict(n_users=3000, n_videos=400, interactions_per_user=40),
+    # Micro-video-A: 12,739 users, 58,291 videos, 342,694 interactions (27 per user)
+    "micro-video-a": dict(n_users=12739, n_videos=58291, interactions_per_user=27),
+    # Micro-video-B: 22,049 users, 61,903 videos, 2,111,566 interactions (96 per user)
+    "micro-video-b": dict(n_users=22049, n_videos=61903, interactions_per_user=96),
 }
 
 

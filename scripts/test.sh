@@ -8,7 +8,9 @@ source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 "$VENV_PY" -m ruff check .
 set +e
-"$VENV_PY" -m pytest "$@"
+# two pytest-xdist workers, one test module at a time each (module fixtures built once): much
+# of the suite waits on Ray, servers and subprocesses; FRAME_DIST_TEST_WORKERS=0 runs serially
+"$VENV_PY" -m pytest -n "${FRAME_DIST_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -40,6 +40,12 @@ def test_world_preset_sets_sizes_unless_given():
     assert (medium.world.n_users, medium.world.n_videos) == (3000, 400)
     pinned = load_config(None, ["world.preset=medium", "world.n_users=10"])
     assert pinned.world.n_users == 10 and pinned.world.n_videos == 400
+    # the paper's data sets: users, videos and interactions (mean views per user x users)
+    for preset, (users, videos, rows) in {"micro-video-a": (12739, 58291, 342694),
+                                          "micro-video-b": (22049, 61903, 2111566)}.items():
+        world = load_config(None, [f"world.preset={preset}"]).world
+        assert (world.n_users, world.n_videos) == (users, videos)
+        assert world.n_users * world.interactions_per_user == pytest.approx(rows, rel=0.01)
 
 
 @pytest.mark.parametrize("override, message", [
