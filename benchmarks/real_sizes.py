@@ -12,8 +12,8 @@ F = ``--features`` values (default 256: 2048 would be 7.6 GB of frames.npy for A
 through ``jobs.ingest`` + ``jobs.import_features`` like outside data.
 
 Each stage runs as its own ``python -m jobs.<stage>`` process (a local Ray instance each):
-wall time and the stage process's peak RSS (``os.wait4``; Ray's worker processes are not its
-children: the training workers' peak comes from metrics.json, beside ``jobs.plan``'s estimate).
+wall time and the stage process's peak RSS (VmHWM, polled; Ray's worker processes are not
+counted: the training workers' peak comes from metrics.json, beside ``jobs.plan``'s estimate).
 Training: ``--workers`` Ray Train workers, ``--epochs`` epochs. Scoring ranks ``--candidates``
 videos (a random sample written as a candidates file) for every user: all 58k videos for 12.7k
 users is 742M pairs x N_c, hours on a 2-core machine.
@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,18 +42,35 @@ from frame_dist.config import load_config  # noqa: E402
 from frame_dist.ingest.feature_world import FeatureSpec, write_feature_world  # noqa: E402
 
 
+def _hwm_mib(pid: int) -> float:
+    """VmHWM of a live process (MiB): its own peak RSS since its exec (ru_maxrss is not: Linux
+    carries the parent's high-water mark across fork + exec)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def run_stage(stage: str, overrides: list[str]) -> dict[str, float]:
     """``python -m jobs.<stage> overrides``: wall seconds and the process's peak RSS (MiB)."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", f"jobs.{stage}", *overrides], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", f"jobs.{stage}", *overrides], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, _hwm_mib(proc.pid))
+            time.sleep(0.2)
+        log.seek(0)
+        out = log.read()
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"jobs.{stage} failed ({proc.returncode}):\n{out[-4000:]}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "log": out}
+    return {"seconds": seconds, "peak_rss_mib": peak, "log": out}
 
 
 def prepare(args) -> tuple[list[str], dict[str, float]]:
@@ -84,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--features", type=int, default=256)
     p.add_argument("--candidates", type=int, default=2000)
     p.add_argument("--root", default="/tmp/frame-dist-real-sizes")
+    p.add_argument("--run-suffix", default="", help="a new run name (the graph is reused)")
     args = p.parse_args(argv)
 
     base, timings = prepare(args)
@@ -99,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = []
     for n_c in [int(c) for c in args.clips.split(",")]:
-        run = f"rs-nc{n_c}-w{args.workers}"
+        run = f"rs-nc{n_c}-w{args.workers}{args.run_suffix}"
         overrides = [*base, f"graph.n_clips={n_c}", f"graph.n_shards={args.workers}",
                      f"train.workers={args.workers}", f"train.epochs={args.epochs}",
                      f"train.run_name={run}", f"score.candidates={cand}"]
@@ -119,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         row["train_seconds"] = sum(h["train_seconds"] for h in history)
         row["steps"] = sum(h["steps"] for h in history)
         row["auc"] = metrics.get("test", {}).get("auc")
-        row["plan_log"] = plan["log"].strip().splitlines()[:3]
+        row["plan_log"] = [line for line in plan["log"].splitlines()
+                           if line.startswith(("total host", "communication per step"))]
         results.append(row)
         print(json.dumps({k: v for k, v in row.items()}, default=str), flush=True)
     print(f"\n{args.world}, W = {args.workers}, {args.epochs} epoch(s), F = {args.features}")

@@ -626,9 +626,9 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
         Term("step: pair MLPs", batch * n_c * (5 * graphs * h + (graphs + 3) * d) * act, dev,
              f"B_w = {batch:,.0f} x N_c = {n_c} x ({5 * graphs} x hidden = {h} + "
              f"{graphs + 3} x d) x {act} B"),
-        Term("step: sparse workspace", 17 * used + 48 * used * min(1.0, local_u / max(c_w, 1)),
-             dev, "17 B x edges (column selection for R~^T's backward) + 48 B x edges of the "
-             "batch clips' rows"),
+        Term("step: sparse workspace", 96 * used * min(1.0, local_u / max(c_w, 1)), dev,
+             "96 B x edges of the batch clips' rows (gathered, then transposed by a sort for "
+             "the backward of eq. 8)"),
     ]
     if m.trainable_clip_features:
         terms.append(Term("step: gathered clip table rows", 2 * c_w * f * 4, dev,
@@ -638,14 +638,18 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
     # the pair MLPs evaluate.batch_size pairs at a time
     n_eval = max(share.valid, share.test)
     eval_batch = min(n_eval, cfg.evaluate.batch_size)
-    eval_clips = min(c_w, n_eval * n_c)
+    # the split's distinct clips (training popularity as the proxy of the split's)
+    eval_clips = min(c_w, n_c * expected_distinct(stats.video_train, max(stats.n_train, 1),
+                                                  min(int(n_eval), stats.n_train)))
     n_eval_all = max(stats.n_valid, stats.n_test)
     terms.append(Term(
         "evaluation",
         eval_batch * (n_c * (d + 2 * h) + graphs * d) * act + n_eval * 16
-        + (2 * c_w + 2 * graphs * m_w + (2 * graphs + 3) * eval_clips) * d * 4, dev,
+        + ((0 if frozen else 2 * c_w) + 2 * graphs * m_w + (2 * graphs + 3) * eval_clips)
+        * d * 4, dev,
         f"{eval_batch:,.0f} pairs at a time x (N_c x (d + 2 x hidden) + {graphs} x d) x {act} "
-        f"B + 16 B x {n_eval:,.0f} pairs + embeddings of C_w clips and M_w users"))
+        f"B + 16 B x {n_eval:,.0f} pairs + embeddings of "
+        + ("the split's clips" if frozen else "C_w clips") + " and M_w users"))
     if w > 1:
         terms.append(Term("evaluation: gathered scores", 60 * n_eval_all, "host",
                           f"{n_eval_all:,} pairs x 60 B (all_gather_object of every worker's)"))
