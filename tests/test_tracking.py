@@ -56,7 +56,7 @@ def mlflow_server(tmp_path_factory):
         start_new_session=True)  # its own process group: uvicorn and the job runner with it
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a loaded 2-core machine: 120 s was seen too short
         while True:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
