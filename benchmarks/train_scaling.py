@@ -32,6 +32,7 @@ from feature_store.schemas import INTERACTIONS, VIDEOS
 from feature_store.store import Store
 from frame_dist.config import load_config
 from frame_dist.graph.shards import build_shards
+from frame_dist.model.clip_inputs import clip_inputs_for
 from frame_dist.model.loss import FRAMETrainTask
 from frame_dist.train.loop import engine_step, epoch_permutation, torch_step
 from frame_dist.train.trainer import autocast_for, build_loss, build_model
@@ -70,7 +71,8 @@ def single_process(cfg, store: Store, steps: int) -> tuple[float, float]:
     """Seconds per step and peak RSS (MiB) of the plain torch loop on the whole graph."""
     data, manifest = whole_graph(store, cfg.graph.n_clips)
     model = build_model(cfg.model, data.clip_features.shape[1], seed=0)
-    task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model.use_negative), data.clip_features,
+    inputs = clip_inputs_for(model, data.clip_features, data.graph)  # as the trainer does
+    task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model.use_negative), inputs,
                           data.graph)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     step = torch_step(task, optimizer, autocast_for("cpu", cfg.train.precision),
@@ -113,7 +115,8 @@ def engine_overhead(cfg, steps: int, threads: int) -> tuple[float, float]:
         model = build_model(cfg.model, data.clip_features.shape[1], seed=0,
                             propagation=DistributedPropagation(data.global_clip_ids))
         task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model.use_negative),
-                              data.clip_features, data.graph)
+                              clip_inputs_for(model, data.clip_features, data.graph),
+                              data.graph)  # the clip input of the W = 1 worker
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
         autocast = autocast_for("cpu", cfg.train.precision)
         if use_deepspeed:  # the steps of the Ray Train worker and of the single-process trainer
@@ -185,8 +188,9 @@ def main() -> None:
 
     b = args.batch
     # payload bound per worker and step: the union of the global batch's clips (<= B * N_c)
-    # as d float32 rows, for 2 graphs, forward + backward, plus the int64 clip ids gathered
-    clip_bound = b * cfg.graph.n_clips * (cfg.model.dim * 4 * 2 * 2 + 8)
+    # as d float32 rows, for 2 graphs and the owners' H_c^(0) rows, forward + backward, plus
+    # the int64 clip ids gathered for each
+    clip_bound = b * cfg.graph.n_clips * (cfg.model.dim * 4 * 3 * 2 + 3 * 8)
     print(f"\n{'':28s}{'s/step':>9s}{'steps/s':>9s}{'samples/s':>11s}{'peak MiB/worker':>18s}")
     print(f"{'plain torch, driver':28s}{single_step:9.3f}{1 / single_step:9.2f}"
           f"{b / single_step:11.0f}{single_rss:18.0f}")
@@ -207,7 +211,8 @@ def main() -> None:
     print(f"W=2 speed-up over W=1: {w1['step_s'] / w2['step_s']:.2f}x on a 2-core machine "
           f"(scaling efficiency {w1['step_s'] / w2['step_s'] / 2:.0%})")
     print(f"propagation bytes per step and worker, W=2: {w2['bytes']:,.0f}; bound from the "
-          f"global batch's clips (B*N_c x (d x 4 B x 2 graphs x fwd+bwd + 8 B id)): "
+          f"global batch's clips (B*N_c x 3 x (d x 4 B x fwd+bwd + 8 B id): 2 graphs + "
+          f"the owners' rows): "
           f"{clip_bound:,.0f}; ratio {w2['bytes'] / clip_bound:.2f}")
 
 
