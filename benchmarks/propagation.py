@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.score_driver_memory import own_peak_bytes  # noqa: E402
 from frame_dist.graph.clip_graph import build_graph, clip_labels, to_torch  # noqa: E402
 from frame_dist.model.frame import FRAME  # noqa: E402
 from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch  # noqa: E402
@@ -205,7 +205,7 @@ def child(args: argparse.Namespace) -> None:
                           nnz_neg=int(graph.neg.nnz), build_s=build_s,
                           step_s=float(np.mean(times)), steps_per_epoch=steps_per_epoch,
                           epoch_s=float(np.mean(times)) * steps_per_epoch,
-                          peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          peak_rss_mib=own_peak_bytes() / 2**20,  # VmHWM: not the parent's
                           loss=float(stats["loss"]))))
 
 

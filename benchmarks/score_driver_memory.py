@@ -183,7 +183,7 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _peak_bytes() -> int:
+def own_peak_bytes() -> int:
     """This process's own peak RSS (VmHWM): ``ru_maxrss`` once the pre-exec mark is gone.
 
     ``ru_maxrss`` of a spawned process is never below its parent's peak at the spawn (Linux
@@ -200,7 +200,7 @@ def _reset_peak() -> bool:
             f.write("5")
     except OSError:
         return False
-    return _peak_bytes() <= _rss_bytes() + 4 * MIB
+    return own_peak_bytes() <= _rss_bytes() + 4 * MIB
 
 
 def child(mode: str, root: Path, out: Path) -> None:
@@ -251,12 +251,12 @@ def child(mode: str, root: Path, out: Path) -> None:
 
     gc.collect()
     rss_before = _rss_bytes()
-    peak_at_start = _peak_bytes()
+    peak_at_start = own_peak_bytes()
     reset = _reset_peak()
     t0 = time.perf_counter()
     kept = work()
     seconds = time.perf_counter() - t0
-    peak_after = _peak_bytes()
+    peak_after = own_peak_bytes()
     result = {"mode": mode, "rss_before": rss_before, "peak_at_start": peak_at_start,
               "peak_reset": reset, "peak_after": peak_after, "growth": peak_after - rss_before,
               "ru_maxrss_after": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.propagation import synthetic  # noqa: E402
+from benchmarks.score_driver_memory import own_peak_bytes  # noqa: E402
 from frame_dist.config import ModelConfig, TrainConfig  # noqa: E402
 from frame_dist.graph.clip_graph import build_graph, clip_labels, to_torch  # noqa: E402
 from frame_dist.model.clip_inputs import FrozenClipInputs  # noqa: E402
@@ -173,7 +173,7 @@ def child(args) -> None:
     total = sum(flops.values())
     print(json.dumps(dict(n_c=n_c, C=pg.n_clips, step_s=float(np.median(times)),
                           batch_clips=u_clips,
-                          peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          peak_rss_mib=own_peak_bytes() / 2**20,  # VmHWM: not the parent's
                           shares={k: v / total for k, v in flops.items()})))
 
 
