@@ -89,20 +89,22 @@ class DistributedPropagation(LocalPropagation):
         ids = self.global_clip_ids.to(device)
         mine = ids[clips]  # (n,) global ids this worker needs
         union = self._union(mine)  # (U,) sorted global ids every worker needs
-        # rows of U that this worker has neighbours for
-        if ids.numel():
-            at = torch.searchsorted(ids, union).clamp(max=ids.numel() - 1)  # (U,)
-            present = ids[at] == union  # (U,)
-        else:  # a worker whose users have no videos (possible on tiny data)
-            at = torch.zeros_like(union)
-            present = torch.zeros_like(union, dtype=torch.bool)
-        local = at[present]  # local clip index of each present union entry
-        rows = csr_gather_rows(adj.transpose, local)  # (P, M_local)
-        partial_present = sparse_matmul(rows, x_users, lambda: csr_transpose(rows))  # (P, d)
-        partial = partial_present.new_zeros(union.numel(), x_users.shape[1]).index_copy(
-            0, torch.nonzero(present).squeeze(1), partial_present)  # (U, d) fp32, as R~
-        self.bytes_sent += 2 * partial.numel() * partial.element_size()  # forward + backward
-        total = _all_reduce_sum(partial, self.group)  # (U, d) the whole graph's sums
+        at, present = _positions(ids, union)  # rows of U this worker has neighbours for
+        rows = csr_gather_rows(adj.transpose, at[present])  # (P, M_local)
+        partial = sparse_matmul(rows, x_users, lambda: csr_transpose(rows))  # (P, d) fp32
+        return self.sum_rows(partial, present, union, mine)  # (n, d) the whole graph's sums
+
+    def sum_rows(self, partial: Tensor, present: Tensor, union: Tensor, mine: Tensor) -> Tensor:
+        """Rows of ``union`` summed over every worker, then this worker's ``mine`` of them.
+
+        ``partial`` (P, d) holds this worker's rows for the entries of ``union`` where
+        ``present``; the others count as 0. One differentiable (U, d) all-reduce (its bytes,
+        forward and backward, in ``bytes_sent``); returns (len(mine), d).
+        """
+        full = partial.new_zeros(union.numel(), partial.shape[1]).index_copy(
+            0, torch.nonzero(present).squeeze(1), partial)  # (U, d)
+        self.bytes_sent += 2 * full.numel() * full.element_size()  # forward + backward
+        total = _all_reduce_sum(full, self.group)  # (U, d)
         return total[torch.searchsorted(union, mine)]  # (n, d)
 
     def _union(self, ids: Tensor) -> Tensor:
@@ -161,19 +163,9 @@ class OwnedClipInputs(FrozenClipInputs):
         local_ids = prop.global_clip_ids.to(self.owned_clip_ids.device)
         mine = local_ids if clips is None else local_ids[clips]  # (n,) global ids I need
         union = prop._union(mine)  # (U,) sorted, every worker's
-        owned = self.owned_clip_ids
-        if owned.numel():
-            at = torch.searchsorted(owned, union).clamp(max=owned.numel() - 1)
-            present = owned[at] == union
-        else:
-            at = torch.zeros_like(union)
-            present = torch.zeros_like(union, dtype=torch.bool)
+        at, present = _positions(self.owned_clip_ids, union)  # the rows I own
         encoded = encode(self.features[at[present]]).float()  # (P, d) my share of the rows
-        part = encoded.new_zeros(union.numel(), encoded.shape[1]).index_copy(
-            0, torch.nonzero(present).squeeze(1), encoded)  # (U, d)
-        prop.bytes_sent += 2 * part.numel() * part.element_size()  # forward + backward
-        total = _all_reduce_sum(part, prop.group)  # (U, d): every row from its owner
-        return total[torch.searchsorted(union, mine)]  # (n, d)
+        return prop.sum_rows(encoded, present, union, mine)  # (n, d) every row from its owner
 
 
 class RecordedClipSums(LocalPropagation):
@@ -235,6 +227,15 @@ def _no_users(n_clips: int) -> Adjacency:
                                 (0, n_clips)),
                      csr_tensor(torch.zeros(n_clips + 1, dtype=torch.long), empty,
                                 torch.zeros(0), (n_clips, 0)))
+
+
+def _positions(ids: Tensor, union: Tensor) -> tuple[Tensor, Tensor]:
+    """(position in ``ids``, found) of each entry of ``union``; ``ids`` ascending, maybe empty
+    (a worker whose users have no videos, or that owns no clip)."""
+    if not ids.numel():
+        return torch.zeros_like(union), torch.zeros_like(union, dtype=torch.bool)
+    at = torch.searchsorted(ids, union).clamp(max=ids.numel() - 1)  # (U,)
+    return at, ids[at] == union
 
 
 def _all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
