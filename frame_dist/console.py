@@ -53,6 +53,7 @@ def is_terminal() -> bool:
 # --------------------------------------------------------------------------- the stage's log
 
 _console_fds: list[int] = []  # the console's stderr while a stage's goes to its log
+_last_store: list[Any] = [None]  # the store of the last stage_output: after_stages logs there
 
 
 def console_error(text: str) -> None:
@@ -69,6 +70,8 @@ def stage_output(stage: str, store: Any | None) -> Iterator[str | None]:
     stage then runs with the console as it is). On an S3 store the file is written locally and
     uploaded at the end. An empty log is not kept.
     """
+    if store is not None:
+        _last_store[0] = store
     target = _open_stage_log(stage, store)
     if target is None:
         with warnings_to_console():
@@ -91,6 +94,14 @@ def stage_output(stage: str, store: Any | None) -> Iterator[str | None]:
     finally:
         f.close()
         _keep_stage_log(store, local, rel)
+
+
+def after_stages(fn: Callable[[], object], stage: str = "shutdown") -> None:
+    """Run ``fn`` (the driver's Ray shutdown, at exit) with descriptor 2 at an output log of
+    ``stage`` in the last stage's store: what Ray's processes print while they stop (a GCS that
+    could not kill an actor whose worker already left, ...) is not the console's last line."""
+    with stage_output(stage, _last_store[0]):
+        fn()
 
 
 def stage_log(stage: str, suffix: str) -> tuple[str, str]:

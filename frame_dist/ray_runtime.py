@@ -56,6 +56,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         route_worker_logs()  # workers' marked lines to the console, the rest to the stage log
+        _shutdown_at_exit()
         return
     use_local_ray_env()
     reap_leftovers()
@@ -71,10 +72,30 @@ def init_ray(num_cpus: int | None = None) -> None:
              log_to_driver=True,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     route_worker_logs()
+    _shutdown_at_exit()
     record_local_instance()
     # the raylet starts its agents a moment later, and their renamed command lines and
     # environments no longer say which instance they belong to: record them as they appear
     threading.Thread(target=_keep_recording, daemon=True, name="ray-record").start()
+
+
+def _shutdown_at_exit() -> None:
+    """Stop Ray at exit before Ray's own handler does (handlers run last-registered first, and
+    ``ray.init`` registers Ray's each time), with the driver's stderr at the last stage's log
+    (:func:`frame_dist.console.after_stages`)."""
+    import atexit
+
+    atexit.unregister(_shutdown)
+    atexit.register(_shutdown)
+
+
+def _shutdown() -> None:
+    import ray
+
+    from frame_dist.console import after_stages
+
+    if ray.is_initialized():
+        after_stages(lambda: ray.shutdown(_exiting_interpreter=True))  # its wait for late lines
 
 
 # --------------------------------------------------------------------------- leftovers

@@ -115,6 +115,34 @@ def test_a_stage_sends_descriptor_2_to_its_output_log(tmp_path, capfd, fails):
         assert str(log) in failure.read_text()
 
 
+def test_what_ray_prints_while_it_stops_at_exit_goes_to_a_log(tmp_path):
+    """At exit the driver stops Ray (before Ray's own exit handler) with descriptor 2 at
+    ``logs/shutdown/`` of the last stage's store: a GCS line about an actor it could not kill
+    is not the console's last line, after the metrics table."""
+    script = f"""
+import os, ray
+from frame_dist import ray_runtime
+from frame_dist.cli import run_stage
+from frame_dist.config import load_config
+
+def shutdown(**kwargs):
+    assert kwargs == {{"_exiting_interpreter": True}}, kwargs
+    os.write(2, b"(pid=gcs_server) E gcs_actor_scheduler.cc:538: Failed to kill actor\\n")
+
+ray.is_initialized, ray.shutdown = (lambda: True), shutdown  # a driver connected to Ray
+ray_runtime._shutdown_at_exit()
+cfg = load_config(None, ["store.root={tmp_path}/store"])
+assert run_stage("score", lambda: print("scored", flush=True), cfg) == 0
+print("report: the last line", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "scored\nreport: the last line\n" and done.stderr == "", done
+    (log,) = (tmp_path / "store" / "logs" / "shutdown").glob("*-output.log")
+    assert "Failed to kill actor" in log.read_text()
+
+
 def _python_default(message, category, filename, lineno, file=None, line=None) -> None:
     """Python's own ``showwarning`` outside pytest (which records warnings instead): the
     formatted warning on descriptor 2."""
