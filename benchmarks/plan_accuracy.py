@@ -32,14 +32,13 @@ from frame_dist.train.plan import GIB, MIB, plan_training, read_data_stats, work
 
 
 def _baseline_loop(loop_config: dict) -> None:
-    import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
 
     from frame_dist.config import from_dict
     from frame_dist.train.loop import engine_step, peak_rss_mb
-    from frame_dist.train.ray_loop import deepspeed_config
+    from frame_dist.train.ray_loop import deepspeed_config, initialize_engine
 
     class Probe(torch.nn.Linear):  # a task as the engine wraps it: batch -> (loss, stats)
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -51,9 +50,8 @@ def _baseline_loop(loop_config: dict) -> None:
     if world > 1:
         dist.new_group(backend=dist.get_backend())  # the propagation's group, as in training
     model = Probe(4, 4)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.Adam(model.parameters()),
-        config=deepspeed_config(cfg, world), dist_init_required=False)
+    engine = initialize_engine(model, torch.optim.Adam(model.parameters()),
+                               deepspeed_config(cfg, world))
     engine_step(engine)(torch.randn(cfg.train.batch_size // world, 4))  # the workers' step
     rss = peak_rss_mb(world)
     if ray.train.get_context().get_world_rank() == 0:

@@ -95,11 +95,10 @@ def engine_overhead(cfg, steps: int, threads: int) -> tuple[float, float]:
     import os
     import socket
 
-    import deepspeed
     import torch.distributed as dist
 
     from frame_dist.model.distributed import DistributedPropagation
-    from frame_dist.train.ray_loop import deepspeed_config
+    from frame_dist.train.ray_loop import deepspeed_config, initialize_engine
 
     torch.set_num_threads(threads)
     with socket.socket() as sock:
@@ -120,9 +119,7 @@ def engine_overhead(cfg, steps: int, threads: int) -> tuple[float, float]:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
         autocast = autocast_for("cpu", cfg.train.precision)
         if use_deepspeed:  # the steps of the Ray Train worker and of the single-process trainer
-            engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, 1),
-                                                   dist_init_required=False)
+            engine = initialize_engine(task, optimizer, deepspeed_config(cfg, 1))
             return data, engine_step(engine, autocast)
         return data, torch_step(task, optimizer, autocast, cfg.train.grad_clip)
 

@@ -36,6 +36,7 @@ ENGINE = textwrap.dedent("""
     import torch, torch.distributed as dist, deepspeed
     sys.path.insert(0, sys.argv[3])
     from payloads import plant
+    from frame_dist.train.ray_loop import initialize_engine
     from frame_dist.train.safe_load import UnsafeCheckpointError, use_safe_loading
     stage, workdir = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=0,
@@ -46,15 +47,14 @@ ENGINE = textwrap.dedent("""
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0,
                "zero_optimization": {"stage": stage}}
-        e, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
-                                          dist_init_required=False)
+        e = initialize_engine(model, opt, cfg)
         use_safe_loading(e)
         return e
     e = engine()
     e.backward(e(torch.ones(2, 4)).sum()); e.step()
     e.save_checkpoint(workdir, tag="state", client_state={"frame": {"epoch": 3}})
     trained = {k: v.clone() for k, v in e.module.state_dict().items()}
-    out = {}
+    out = {"shm_op": deepspeed.comm.comm.cdb.shm_comm_op is None}  # never built
     fresh = engine()
     _, client = fresh.load_checkpoint(workdir, tag="state")
     out["round_trip"] = all(torch.equal(fresh.module.state_dict()[k], v)
@@ -83,6 +83,7 @@ def test_deepspeed_checkpoints_round_trip_and_planted_states_are_refused(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out.pop("round_trip") is True
+    assert out.pop("shm_op") is True  # initialize_engine: DeepSpeed's inference op not built
     expected = {"mp_rank_00_model_states.pt"} | (
         {"zero_pp_rank_0_mp_rank_00_optim_states.pt"} if stage else set())
     assert set(out) == expected

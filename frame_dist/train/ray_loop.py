@@ -101,6 +101,27 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     }
 
 
+def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      config: dict[str, Any]) -> Any:
+    """``deepspeed.initialize`` in an initialised process group, without DeepSpeed's
+    shared-memory all-reduce op.
+
+    That op serves only DeepSpeed-Inference's ``inference_all_reduce``; training reduces through
+    torch.distributed either way. On a CPU accelerator DeepSpeed builds it (two C++ files, 35-50
+    s of CPU on a 2-core machine) in the first engine of every fresh machine and whenever the
+    build cache in ``~/.cache/torch_extensions`` does not match, while the other workers wait on
+    the build's lock.
+    """
+    import deepspeed
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # probed once, then kept
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                           dist_init_required=False)
+    return engine
+
+
 def run_fingerprint(cfg: Config, graph_manifest: GraphManifest) -> str:
     """Identity of a training run: the graph it trains on and every model/train setting."""
     import dataclasses
@@ -147,7 +168,6 @@ def finished_run(cfg: Config, store: Store, fingerprint: str) -> dict[str, Any] 
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import deepspeed
     import ray.train
     import ray.train.torch
 
@@ -195,9 +215,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     task = FRAMETrainTask(model, build_loss(cfg.train, cfg.model.use_negative), data.clip_features,
                           data.graph)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world),
-                                           dist_init_required=False)
+    engine = initialize_engine(task, optimizer, deepspeed_config(cfg, world))
     use_safe_loading(engine)  # DeepSpeed itself unpickles with weights_only=False
     autocast = autocast_for(device, cfg.train.precision)  # the forward's; backward outside
 
