@@ -96,7 +96,11 @@ def _single_process(batch_positions, mode, precision="fp32"):
                                         torch.as_tensor(videos)[idx],
                                         torch.as_tensor(watched)[idx]))
     loss.backward()
-    return float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()}
+    with torch.no_grad():  # every pair's score, at once
+        scores = model.score_pairs(task.clip_features, pg, torch.as_tensor(users)[idx],
+                                   torch.as_tensor(videos)[idx])
+    return (float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()},
+            scores)
 
 
 def _worker(rank, world, batch_positions, out_dir, mode, precision):
@@ -139,9 +143,15 @@ def _worker(rank, world, batch_positions, out_dir, mode, precision):
         dist.all_reduce(total)
         local = [0] * world
         dist.all_gather_object(local, len(batch))
+        step_bytes = prop.bytes_sent
+        with torch.no_grad():  # 5 pairs at a time: each worker its own pairs, as many chunks
+            scores = model.score_pairs(data.clip_features, data.graph, batch.users,
+                                       batch.videos, batch_size=5)
+        every = [None] * world
+        dist.all_gather_object(every, scores)
         if rank == 0:
             torch.save({"loss": float(total) / world, "grads": grads,
-                        "bytes": prop.bytes_sent, "local": local},
+                        "bytes": step_bytes, "local": local, "scores": every},
                        os.path.join(out_dir, "result.pt"))
     finally:
         dist.destroy_process_group()
@@ -176,7 +186,7 @@ def _members_of_two_shards(world):
     pytest.param(np.arange(0, 240, 3), "visual", "bf16", 2, marks=pytest.mark.slow),
 ])
 def test_workers_equal_one_process(tmp_path, batch, mode, precision, world):
-    expected_loss, expected_grads = _single_process(batch, mode, precision)
+    expected_loss, expected_grads, expected_scores = _single_process(batch, mode, precision)
     mp.spawn(_worker, args=(world, batch.tolist(), str(tmp_path), mode, precision),
              nprocs=world)
     got = torch.load(tmp_path / "result.pt", weights_only=True)
@@ -190,6 +200,11 @@ def test_workers_equal_one_process(tmp_path, batch, mode, precision, world):
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got["grads"][name], grad, atol=tol, rtol=tol,
                                    msg=lambda m, n=name: f"{n}: {m}")
+    # scoring in chunks of 5 pairs (fp32), each worker its own: the single process's scores
+    for shard, scores in zip(shards, got["scores"]):
+        mine = np.isin(users[batch], shard.user_rows)  # in batch order
+        torch.testing.assert_close(scores, expected_scores[torch.from_numpy(mine)], atol=1e-5,
+                                   rtol=1e-5)
     # communication: ids of the batch's clips plus two all-reduces of at most
     # (union of the batch's clips) x d floats per graph, forward and backward
     union_clips = len(np.unique(_world()[1][batch])) * N_C

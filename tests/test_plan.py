@@ -162,10 +162,12 @@ def test_plan_terms_by_hand(hand_store):
         "step: pair MLPs": 2 * 4 * (5 * 2 * 8 + 5 * 4) * 4,
         "step: sparse workspace": 96 * 11 * local / 8,
         # 2 test pairs x (N_c (d + 2 hidden) + 2 d) x 4 B + (2 x 2 M_w + 7 x E[clips]) d 4 B
-        # 2 test pairs (fewer than evaluate.batch_size) + 16 B each + the embeddings (R~ X
-        # precomputed: H_c^(0) of the split's clips only, not of all C_w); E[clips] = N_c x
-        # E[distinct videos of 2 rows] = 4 x 1.6, as |U| above
-        "evaluation": 2 * (4 * (4 + 2 * 8) + 2 * 4) * 4 + 2 * 16 + (12 + 7 * union) * 4 * 4,
+        # 2 test pairs (one chunk: fewer than evaluate.batch_size) + 16 B each + the chunk's
+        # clips' features E[clips] x F x 4 B + the embeddings (R~ X precomputed: H_c^(0) of
+        # the chunk's clips only, not of all C_w); E[clips] = N_c x E[distinct videos of 2
+        # rows] = 4 x 1.6, as |U| above
+        "evaluation": 2 * (4 * (4 + 2 * 8) + 2 * 4) * 4 + 2 * 16 + union * 2048 * 4
+        + (12 + 7 * union) * 4 * 4,
     }
     got = {t.name: t.nbytes for t in plan.terms}
     assert got.keys() == expected.keys()

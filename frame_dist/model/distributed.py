@@ -107,6 +107,13 @@ class DistributedPropagation(LocalPropagation):
         total = _all_reduce_sum(full, self.group)  # (U, d)
         return total[torch.searchsorted(union, mine)]  # (n, d)
 
+    def max_over_workers(self, n: int) -> int:
+        if self.world == 1:
+            return n
+        largest = torch.tensor([n], dtype=torch.long, device=self.global_clip_ids.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.group)
+        return int(largest)
+
     def _union(self, ids: Tensor) -> Tensor:
         """Sorted union of every worker's ``ids`` (variable lengths: gather sizes, then pad)."""
         size = torch.tensor([ids.numel()], dtype=torch.long, device=ids.device)

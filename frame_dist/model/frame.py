@@ -9,6 +9,7 @@ F = ``n_clip_features``, B = a batch of (user, video) pairs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,17 @@ class Embeddings:
 
     def __iter__(self):
         return iter((self.h_c, self.h_u_pos, self.h_u_neg))
+
+
+@dataclass
+class UserSide:
+    """Eq. 7 of one propagation, and what the clip side (eqs. 8-10) of any clips needs
+    (``FRAME.user_side``, ``FRAME.clip_side``)."""
+
+    h_u_pos: Tensor  # (M_local, d) H_u^p of eq. 7
+    h_u_neg: Tensor | None  # (M_local, d) H_u^n; None without the negative graph
+    clip_rows: Callable[[Tensor | None], Tensor]  # H_c^(0) of clips (None: every clip), (n, d)
+    propagation: LocalPropagation  # the clip side's sum over users (eq. 8)
 
 
 @dataclass
@@ -297,38 +309,8 @@ class FRAME(nn.Module):
         every user adjacent to a clip). ``propagation`` replaces the model's own for this call
         only (e.g. a shard's recorded partial sums); None: ``self.propagation``.
         """
-        if h_c0.shape[0] != graph.n_clips:
-            raise ValueError(f"H_c^(0) has {h_c0.shape[0]} rows, the graph has {graph.n_clips} "
-                             "clips")
-        self._check_negative(graph)
-        prop = self.propagation if propagation is None else propagation
-        sums_neg = prop.users_from_clips(graph.neg, h_c0) if self.use_negative else None
-        return self._gcn(prop.users_from_clips(graph.pos, h_c0), sums_neg,
-                         h_c0 if clips is None else h_c0[clips], graph, clips, prop)
-
-    def _gcn(self, sums_pos: Tensor, sums_neg: Tensor | None, h_c0_rows: Tensor,
-             graph: PropagationGraph, clips: Tensor | None, prop: LocalPropagation) -> Embeddings:
-        """Eqs. 7-10 from the user-side sums R~^p H_c^(0), R~^n H_c^(0) (M, d) and H_c^(0) of
-        ``clips`` (n, d)."""
-        # eq. 7: (R~ H_c^(0)) W costs M_local d^2, less than R~ (H_c^(0) W) at C d^2 when M < C
-        h_u_pos = torch.relu(self.w_pos_1(sums_pos))  # (M, d)
-        h_c_pos = torch.relu(self.w_pos_2(
-            prop.clips_from_users(graph.pos, h_u_pos, clips)))  # (n, d) eq. 8
-        h_u_neg = None
-        if self.use_negative:
-            h_u_neg = torch.relu(self.w_neg_1(sums_neg))  # (M, d)
-            h_c_neg = torch.relu(self.w_neg_2(
-                prop.clips_from_users(graph.neg, h_u_neg, clips)))  # (n, d) eq. 8
-            h_c1 = 0.5 * (h_c_pos + h_c_neg)  # (n, d) eq. 9
-        else:
-            h_c1 = h_c_pos  # (n, d)
-        h_c = self.layer_weights[0] * h_c0_rows + self.layer_weights[1] * h_c1  # (n, d) eq. 10
-        return Embeddings(h_c, h_u_pos, h_u_neg)
-
-    def _check_negative(self, graph: PropagationGraph) -> None:
-        if self.use_negative and graph.neg is None:
-            raise ValueError("FRAME(use_negative=True) needs a graph with the negative "
-                             "adjacency (graph.neg is None)")
+        side = self._dense_user_side(h_c0, graph, propagation or self.propagation)
+        return Embeddings(self.clip_side(side, graph, clips), side.h_u_pos, side.h_u_neg)
 
     def embeddings(self, clip_features: Tensor | FrozenClipInputs | None,
                    graph: PropagationGraph, clips: Tensor | None = None) -> Embeddings:
@@ -339,14 +321,63 @@ class FRAME(nn.Module):
         all C clips; the same result). Iterable, so
         ``h_c, h_u_pos, h_u_neg = model.embeddings(clip_features, graph)``.
         """
-        if isinstance(clip_features, FrozenClipInputs):
-            return self._embeddings_frozen(clip_features, graph, clips)
-        return self.propagate(self.clip_input(clip_features, graph.clip_ids), graph, clips)
+        side = self.user_side(clip_features, graph)
+        return Embeddings(self.clip_side(side, graph, clips), side.h_u_pos, side.h_u_neg)
 
-    def _embeddings_frozen(self, inputs: FrozenClipInputs, graph: PropagationGraph,
-                           clips: Tensor | None) -> Embeddings:
-        """:meth:`embeddings` from precomputed R~ X: eq. 7's sums are e(.) of the users' feature
-        sums with the bias scaled by R~ 1 (``frame_dist.model.clip_inputs``)."""
+    def user_side(self, clip_features: Tensor | FrozenClipInputs | None,
+                  graph: PropagationGraph) -> UserSide:
+        """Eq. 7 (every user's H_u^p, H_u^n) and what :meth:`clip_side` needs for any clips:
+        :meth:`embeddings` in two halves, so that the clip side can run a chunk of clips at a
+        time against one user side."""
+        if isinstance(clip_features, FrozenClipInputs):
+            return self._frozen_user_side(clip_features, graph)
+        return self._dense_user_side(self.clip_input(clip_features, graph.clip_ids), graph,
+                                     self.propagation)
+
+    def clip_side(self, side: UserSide, graph: PropagationGraph,
+                  clips: Tensor | None = None) -> Tensor:
+        """H_c (eqs. 8-10) of ``clips`` (local clip indices; None: every clip), (n, d), from a
+        :meth:`user_side`. On W workers every worker calls it alike (its collectives), with
+        its own ``clips``, possibly none."""
+        prop = side.propagation
+        h_c0_rows = side.clip_rows(clips)  # (n, d)
+        h_c_pos = torch.relu(self.w_pos_2(
+            prop.clips_from_users(graph.pos, side.h_u_pos, clips)))  # (n, d) eq. 8
+        if self.use_negative:
+            h_c_neg = torch.relu(self.w_neg_2(
+                prop.clips_from_users(graph.neg, side.h_u_neg, clips)))  # (n, d) eq. 8
+            h_c1 = 0.5 * (h_c_pos + h_c_neg)  # (n, d) eq. 9
+        else:
+            h_c1 = h_c_pos  # (n, d)
+        return self.layer_weights[0] * h_c0_rows + self.layer_weights[1] * h_c1  # (n, d) eq. 10
+
+    def _users(self, sums_pos: Tensor, sums_neg: Tensor | None,
+               clip_rows: Callable[[Tensor | None], Tensor], prop: LocalPropagation) -> UserSide:
+        """Eq. 7 from the user-side sums R~^p H_c^(0), R~^n H_c^(0) (M, d)."""
+        # (R~ H_c^(0)) W costs M_local d^2, less than R~ (H_c^(0) W) at C d^2 when M < C
+        h_u_pos = torch.relu(self.w_pos_1(sums_pos))  # (M, d)
+        h_u_neg = torch.relu(self.w_neg_1(sums_neg)) if self.use_negative else None  # (M, d)
+        return UserSide(h_u_pos, h_u_neg, clip_rows, prop)
+
+    def _dense_user_side(self, h_c0: Tensor, graph: PropagationGraph,
+                         prop: LocalPropagation) -> UserSide:
+        if h_c0.shape[0] != graph.n_clips:
+            raise ValueError(f"H_c^(0) has {h_c0.shape[0]} rows, the graph has {graph.n_clips} "
+                             "clips")
+        self._check_negative(graph)
+        sums_neg = prop.users_from_clips(graph.neg, h_c0) if self.use_negative else None
+        return self._users(prop.users_from_clips(graph.pos, h_c0), sums_neg,
+                           lambda clips: h_c0 if clips is None else h_c0[clips], prop)
+
+    def _check_negative(self, graph: PropagationGraph) -> None:
+        if self.use_negative and graph.neg is None:
+            raise ValueError("FRAME(use_negative=True) needs a graph with the negative "
+                             "adjacency (graph.neg is None)")
+
+    def _frozen_user_side(self, inputs: FrozenClipInputs, graph: PropagationGraph) -> UserSide:
+        """:meth:`user_side` from precomputed R~ X: eq. 7's sums are e(.) of the users' feature
+        sums with the bias scaled by R~ 1 (``frame_dist.model.clip_inputs``); H_c^(0) of a
+        clip is encoded when its clip side is asked for."""
         if not self.use_visual or self.trainable_clip_features:
             raise ValueError("FrozenClipInputs needs frozen visual features (use_visual=True, "
                              "trainable_clip_features=False)")
@@ -355,15 +386,16 @@ class FRAME(nn.Module):
                              f"{graph.n_users}")
         self._check_negative(graph)
 
-        def user_side(side: str) -> Tensor:  # R~ H_c^(0) = e(R~ X) with b scaled by R~ 1
-            sums, degree = inputs.user_sums(side)
+        def sums(side: str) -> Tensor:  # R~ H_c^(0) = e(R~ X) with b scaled by R~ 1
+            x_sums, degree = inputs.user_sums(side)
             w = self.input_proj.weight
-            x = F.linear(sums.to(w.dtype), w) + degree.to(w.dtype) * self.input_proj.bias
+            x = F.linear(x_sums.to(w.dtype), w) + degree.to(w.dtype) * self.input_proj.bias
             return self.enhancement(x) if self.enhance else x  # (M, d)
 
-        sums_neg = user_side("neg") if self.use_negative else None
-        h_c0_rows = inputs.clip_rows(self.clip_input, clips)  # (n, d)
-        return self._gcn(user_side("pos"), sums_neg, h_c0_rows, graph, clips, self.propagation)
+        sums_neg = sums("neg") if self.use_negative else None
+        return self._users(sums("pos"), sums_neg,
+                           lambda clips: inputs.clip_rows(self.clip_input, clips),
+                           self.propagation)
 
     # ------------------------------------------------------------------ scores (eqs. 11-13)
 
@@ -420,23 +452,28 @@ class FRAME(nn.Module):
     def score_pairs(self, clip_features: Tensor | FrozenClipInputs | None,
                     graph: PropagationGraph, users: Tensor, videos: Tensor,
                     batch_size: int | None = None) -> Tensor:
-        """y(u, v) (eq. 13) for (user, video) pairs, propagating only to their videos' clips.
+        """y(u, v) (eq. 13) for (user, video) pairs, ``batch_size`` pairs at a time (None: all
+        at once).
 
-        One propagation; the pair MLPs then run ``batch_size`` pairs at a time (None: all at
-        once), so their activations (pairs x N_c x hidden) stay bounded.
+        The user side (eq. 7) once; then per chunk the clip side (eqs. 8-10) of its videos'
+        clips only, and the pair MLPs: memory follows the chunk (its clips, and chunk x N_c x
+        hidden activations), not the number of pairs. On W workers every worker runs as many
+        chunks as the worker with the most pairs (``max_over_workers``), the others with empty
+        ones, as each chunk's clip side is a collective.
         """
         self.check_pairs(users, videos, graph)
-        clips, inverse = self._video_clips(videos, graph.clips_per_video)
-        h_c, h_u_pos, h_u_neg = self.embeddings(clip_features, graph, clips)
-        h_c_video = h_c.view(-1, graph.clips_per_video, self.dim)  # (V', N_c, d)
+        side = self.user_side(clip_features, graph)
         step = max(1, len(users) if batch_size is None else batch_size)
+        n_chunks = side.propagation.max_over_workers(-(-len(users) // step))
         out = []
-        for i in range(0, len(users), step):
-            u, v = users[i:i + step], inverse[i:i + step]
-            hn = None if h_u_neg is None else h_u_neg[u, None]
-            out.append(self.video_logit(self.clip_scores(h_u_pos[u, None], hn,
-                                                         h_c_video[v])))  # (b,)
-        return torch.cat(out) if out else h_c.new_zeros(0)  # (B,)
+        for i in range(n_chunks):
+            u, v = users[i * step:(i + 1) * step], videos[i * step:(i + 1) * step]
+            clips, inverse = self._video_clips(v, graph.clips_per_video)
+            h_c = self.clip_side(side, graph, clips).view(-1, graph.clips_per_video, self.dim)
+            hn = None if side.h_u_neg is None else side.h_u_neg[u, None]
+            out.append(self.video_logit(self.clip_scores(side.h_u_pos[u, None], hn,
+                                                         h_c[inverse])))  # (b,)
+        return torch.cat(out) if out else side.h_u_pos.new_zeros(0)  # (B,)
 
     # ------------------------------------------------------------------ fused scores (eqs. 11-13)
     # The first layer of each MLP splits into a user half and a clip half (PreferenceMLP), so

@@ -227,6 +227,11 @@ class LocalPropagation:
         >>> h_c = prop.clips_from_users(graph.pos, h_u, clips)     # (len(clips), d)
     """
 
+    def max_over_workers(self, n: int) -> int:
+        """The largest ``n`` of every worker's (one process: ``n``): e.g. how many chunks of
+        pairs each worker scores, as every worker joins every chunk's collectives."""
+        return n
+
     def users_from_clips(self, adj: Adjacency, x_clips: Tensor) -> Tensor:
         """R~ @ X: (C, d) clip rows -> (M_local, d) user rows (the sums in eq. 7)."""
         if x_clips.shape[0] != adj.n_clips:

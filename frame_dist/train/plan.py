@@ -634,22 +634,29 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
         terms.append(Term("step: gathered clip table rows", 2 * c_w * f * 4, dev,
                           f"2 x C_w = {c_w:,.0f} x F = {f} x 4 B (the rows of the local clips "
                           "and their gradient)"))
-    # evaluation after every epoch: one propagation for the split's clips, no gradients, then
-    # the pair MLPs evaluate.batch_size pairs at a time
+    # evaluation after every epoch (FRAME.score_pairs, no gradients): the user side once, then
+    # chunks of evaluate.batch_size / W pairs per worker (ray_loop.eval_chunk), each with the
+    # clip side of its clips only (on W > 1 the union of every worker's chunk, all-reduced)
     n_eval = max(share.valid, share.test)
-    eval_batch = min(n_eval, cfg.evaluate.batch_size)
-    # the split's distinct clips (training popularity as the proxy of the split's)
-    eval_clips = min(c_w, n_c * expected_distinct(stats.video_train, max(stats.n_train, 1),
-                                                  min(int(n_eval), stats.n_train)))
-    n_eval_all = max(stats.n_valid, stats.n_test)
+    eval_batch = min(n_eval, -(-cfg.evaluate.batch_size // w))
+    n_train = max(stats.n_train, 1)
+
+    def chunk_clips(pairs: float) -> float:  # training popularity as the proxy of the split's
+        return n_c * expected_distinct(stats.video_train, n_train, min(int(pairs), n_train))
+
+    eval_union = min(c_total, chunk_clips(w * eval_batch))
+    encoded = (eval_union / w if owned else min(c_w, chunk_clips(eval_batch))) if frozen else 0
     terms.append(Term(
         "evaluation",
-        eval_batch * (n_c * (d + 2 * h) + graphs * d) * act + n_eval * 16
-        + ((0 if frozen else 2 * c_w) + 2 * graphs * m_w + (2 * graphs + 3) * eval_clips)
+        eval_batch * (n_c * (d + 2 * h) + graphs * d) * act + n_eval * 16 + encoded * f * 4
+        + ((0 if frozen else 2 * c_w) + 2 * graphs * m_w + (2 * graphs + 3) * eval_union)
         * d * 4, dev,
         f"{eval_batch:,.0f} pairs at a time x (N_c x (d + 2 x hidden) + {graphs} x d) x {act} "
-        f"B + 16 B x {n_eval:,.0f} pairs + embeddings of "
-        + ("the split's clips" if frozen else "C_w clips") + " and M_w users"))
+        f"B + 16 B x {n_eval:,.0f} pairs + "
+        + (f"{encoded:,.0f} chunk clips' features x F x 4 B + " if frozen else "")
+        + f"embeddings of {'' if frozen else 'C_w clips, '}M_w users and U = "
+        f"{eval_union:,.0f} clips of a chunk"))
+    n_eval_all = max(stats.n_valid, stats.n_test)
     if w > 1:
         terms.append(Term("evaluation: gathered scores", 60 * n_eval_all, "host",
                           f"{n_eval_all:,} pairs x 60 B (all_gather_object of every worker's)"))

@@ -289,12 +289,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def evaluate_split(model: FRAME, data: WorkerData, split: str, settings: EvaluateConfig,
                    calibration: Calibration | None = None) -> dict[str, float]:
     """Metrics of ``split`` over every worker's pairs: each worker scores its own rows in fp32
-    (``trainer.evaluate``: one propagation, then ``settings.batch_size`` pairs at a time), the
+    (``trainer.evaluate``: the user side once, then chunks of :func:`eval_chunk` pairs), the
     (global user, label, logit) arrays are gathered, and every worker computes the metrics."""
     users, videos, labels = data.eval_sets[split]
     return evaluate(model, data.clip_features, data.graph, users, videos, labels, settings.ks,
-                    settings.batch_size, rank_users=data.user_rows[users], gather=gather_pairs,
+                    eval_chunk(settings), rank_users=data.user_rows[users], gather=gather_pairs,
                     calibration=calibration)
+
+
+def eval_chunk(settings: EvaluateConfig) -> int:
+    """Pairs per chunk on each of the W workers: ``evaluate.batch_size`` / W, so that a chunk
+    of every worker together (whose clips' union each worker's clip side holds) is
+    ``evaluate.batch_size`` pairs, as on one process."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return max(1, -(-settings.batch_size // world))
 
 
 def calibrate_valid(model: FRAME, data: WorkerData, settings: EvaluateConfig
@@ -303,7 +311,7 @@ def calibrate_valid(model: FRAME, data: WorkerData, settings: EvaluateConfig
     the same arrays, so all hold the same calibration."""
     users, videos, labels = data.eval_sets["valid"]
     return calibrate(model, data.clip_features, data.graph, users, videos, labels, settings.ks,
-                     settings.batch_size, rank_users=data.user_rows[users], gather=gather_pairs)
+                     eval_chunk(settings), rank_users=data.user_rows[users], gather=gather_pairs)
 
 
 def gather_pairs(pairs: Pairs) -> Pairs:
