@@ -12,6 +12,7 @@ local start on this machine ends exactly those processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,14 +21,17 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 # Ray Train's controller polls its workers this often (Ray's default: 2 s). Every report, the
 # end of a run and its start wait for a poll, which makes a small run on one machine ~10 s
 # slower; a local instance (and the tests' instances) poll every 0.25 s instead. A local
 # instance is this one machine, which no cloud preempts: no PreemptionWatcher actor (one more
-# process per run, ~2 s of CPU to start) either.
+# process per run, ~2 s of CPU to start) either. Nor worker processes started ahead of any
+# task when the driver connects: they idled unused in short local runs (~2 s of CPU each).
 LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                 "RAY_prestart_worker_first_driver": "0"}
 
 
 def use_local_ray_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -70,16 +74,35 @@ def init_ray(num_cpus: int | None = None) -> None:
     # Ray's state API (Ray Train's PlacementGroupCleaner uses it inside the instance) finds its
     # server through RAY_API_SERVER_ADDRESS, else by scanning for "the" local instance, which
     # fails as soon as two jobs run on one machine: name this instance's dashboard explicitly.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, _node_ip_address="127.0.0.1",
-             log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    # The raylet, and so every worker it starts, inherits it from this process's environment
+    # while ray.init starts it (a job-level runtime_env would too, but then every worker starts
+    # through Ray's setup_worker.py and the runtime-env agent: ~1.5 s more CPU per worker).
+    with _environment({"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}):
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=port, _node_ip_address="127.0.0.1",
+                 log_to_driver=True)
     route_worker_logs()
     _shutdown_at_exit()
     record_local_instance()
     # the raylet starts its agents a moment later, and their renamed command lines and
     # environments no longer say which instance they belong to: record them as they appear
     threading.Thread(target=_keep_recording, daemon=True, name="ray-record").start()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment meanwhile (the processes it starts inherit
+    them); the previous values afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _shutdown_at_exit() -> None:
