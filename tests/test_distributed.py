@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from frame_dist.graph.clip_graph import adjacency, build_graph, clip_labels
 from frame_dist.graph.shards import Shard, partition_users
 from frame_dist.model.clip_inputs import FrozenClipInputs, streamed_user_sums
-from frame_dist.model.distributed import OwnedClipInputs, owned_videos
+from frame_dist.model.distributed import OwnedClipInputs, owned_videos, videos_of_any_worker
 from frame_dist.model.frame import FRAME
 from frame_dist.model.loss import FRAMETrainTask, HybridLoss, InteractionBatch
 from frame_dist.model.propagation import PropagationGraph, clip_ids
@@ -120,7 +120,8 @@ def _worker(rank, world, batch_positions, out_dir, mode, precision):
             data.clip_features = FrozenClipInputs.build(data.clip_features, data.graph)
         prop = DistributedPropagation(data.global_clip_ids, dist.new_group(backend="gloo"))
         if mode == "owned features":  # my owned clips' rows; R~ X from 3 videos at a time
-            owned = clip_ids(owned_videos(N_VIDEOS, rank, world), N_C)
+            present = videos_of_any_worker(N_VIDEOS, shard.video_ids, prop.group)
+            owned = clip_ids(owned_videos(N_VIDEOS, rank, world, present), N_C)
             blocks = ((torch.arange(k * N_C, min(k + 3, len(shard.video_ids)) * N_C),
                        torch.from_numpy(features[cols[k * N_C:(k + 3) * N_C]]))
                       for k in range(0, len(shard.video_ids), 3))
@@ -212,6 +213,17 @@ def test_workers_equal_one_process(tmp_path, batch, mode, precision, world):
     if mode == "owned features":  # + the batch clips' H_c^(0) from their owners
         bound += 2 * union_clips * DIM * 4 + 8 * (union_clips + 1)
     assert 0 < got["bytes"] <= bound
+
+
+def test_owners_keep_only_the_videos_of_some_workers_graph():
+    """Catalogue videos without any interaction are in no batch and no evaluated pair: no owner
+    keeps their features (one process here; the all-reduce of the mask runs in the W = 2 and 3
+    "owned features" parity runs above)."""
+    present = videos_of_any_worker(7, np.array([0, 2, 3, 6]))
+    assert present.tolist() == [True, False, True, True, False, False, True]
+    assert owned_videos(7, 0, 2, present).tolist() == [0, 2, 6]
+    assert owned_videos(7, 1, 2, present).tolist() == [3]
+    assert owned_videos(7, 1, 2).tolist() == [1, 3, 5]
 
 
 def test_shard_rows_cover_the_graph_exactly():

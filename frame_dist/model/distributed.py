@@ -129,10 +129,27 @@ class DistributedPropagation(LocalPropagation):
         return torch.unique(everything[everything >= 0])  # sorted
 
 
-def owned_videos(n_videos: int, rank: int, world: int) -> np.ndarray:
+def owned_videos(n_videos: int, rank: int, world: int,
+                 present: np.ndarray | None = None) -> np.ndarray:
     """Global video indices whose clip features worker ``rank`` of ``world`` keeps: v % W == rank
-    (C / W clips each, whatever the popularity)."""
-    return np.arange(rank, n_videos, world, dtype=np.int64)
+    (C / W clips each, whatever the popularity), of the videos where ``present`` (an (N,) bool
+    mask: the videos local to some worker, see :func:`videos_of_any_worker`; None: all)."""
+    owned = np.arange(rank, n_videos, world, dtype=np.int64)
+    return owned if present is None else owned[present[owned]]
+
+
+def videos_of_any_worker(n_videos: int, local_videos: np.ndarray,
+                         group: dist.ProcessGroup | None = None,
+                         device: torch.device | str = "cpu") -> np.ndarray:
+    """(N,) bool: the videos in some worker's local clip space (``local_videos``: this worker's
+    global video indices), by a one-byte-per-video all-reduce. The others (catalogue videos
+    without any interaction) are never in a batch or an evaluated pair: nobody keeps their
+    features. ``device``: the group's (CUDA under NCCL)."""
+    mask = torch.zeros(n_videos, dtype=torch.uint8, device=device)
+    mask[torch.as_tensor(local_videos, dtype=torch.long, device=device)] = 1
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
+    return mask.cpu().numpy().astype(bool)
 
 
 class OwnedClipInputs(FrozenClipInputs):

@@ -449,13 +449,14 @@ def _shares(stats: DataStats, n_shards: int, w: int, edges: tuple[int, int],
             manifest: GraphManifest | None) -> list[WorkerShare]:
     """What each worker loads: shards k with k mod W = rank (``train_loop_per_worker``)."""
     out = []
+    active = int(np.count_nonzero(stats.video_rows))  # videos with an interaction
     for rank in range(w):
         ks = list(range(rank, n_shards, w))
         if manifest is not None:
             sh = [manifest.shards[k] for k in ks]
-            out.append(WorkerShare(
+            out.append(WorkerShare(  # merged shards: at most every video with an interaction
                 rank, len(ks), sum(s.users for s in sh),
-                min(stats.n_videos, sum(s.videos for s in sh)),
+                min(active, sum(s.videos for s in sh)),
                 sum(s.nnz_pos for s in sh), sum(s.nnz_neg for s in sh),
                 sum(s.train for s in sh), sum(s.valid for s in sh),
                 sum(s.test for s in sh)))
@@ -558,15 +559,18 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
         terms.append(Term("graph shard on GPU", 24 * used + graphs * 8 * (m_w + c_w + 2),
                           "device", f"{used:,.0f} edges x 2 x (8 B column + 4 B value)"))
     part = stats.feature_part_rows * f * 2  # one frame-features part file, float16
-    # frozen features: on W > 1 partitioned by owner (C / W each, OwnedClipInputs); on one
-    # worker with fewer users than clips, R~ X precomputed from the local clips' features
+    # frozen features: on W > 1 partitioned by owner (C' / W each, OwnedClipInputs: C' the
+    # clips of videos with an interaction); on one worker with fewer users than clips, R~ X
+    # precomputed from the local clips' features
     owned = w > 1 and m.use_visual and not m.trainable_clip_features
     frozen = owned or (m.use_visual and not m.trainable_clip_features and m_w < c_w)
     if m.use_visual and not m.trainable_clip_features:
-        c_own = c_total / w if owned else c_w
+        c_active = int(np.count_nonzero(stats.video_rows)) * n_c
+        c_own = c_active / w if owned else c_w
         feats = c_own * f * 4
         terms.append(Term("clip features", feats, "host",
-                          f"C / W = {c_own:,.0f} owned clips x F = {f} x 4 B" if owned else
+                          f"C' / W = {c_own:,.0f} owned clips (of videos with an interaction) "
+                          f"x F = {f} x 4 B" if owned else
                           f"C_w = {c_w:,.0f} local clips x F = {f} x 4 B"))
         if gpu:
             terms.append(Term("clip features on GPU", feats, "device", "the same, copied"))

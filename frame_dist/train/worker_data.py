@@ -33,7 +33,12 @@ from frame_dist.graph.shards import (
     stream_clip_features,
 )
 from frame_dist.model.clip_inputs import FrozenClipInputs, streamed_user_sums
-from frame_dist.model.distributed import DistributedPropagation, OwnedClipInputs, owned_videos
+from frame_dist.model.distributed import (
+    DistributedPropagation,
+    OwnedClipInputs,
+    owned_videos,
+    videos_of_any_worker,
+)
 from frame_dist.model.loss import InteractionBatch
 from frame_dist.model.propagation import PropagationGraph, clip_ids
 
@@ -125,14 +130,17 @@ def owned_clip_inputs(store: Store, manifest: GraphManifest, data: WorkerData,
                       propagation: DistributedPropagation, rank: int, world: int
                       ) -> OwnedClipInputs:
     """This worker's clip input on W > 1 workers with frozen features: the features of the clips
-    it owns (C / W x F) and R~ X of its users, streamed from the store one part at a time
+    it owns (C / W x F, of the videos some worker's users interacted with) and R~ X of its
+    users, streamed from the store one part at a time
     (``frame_dist.model.distributed.OwnedClipInputs``). Tensors on the graph's device."""
     n_c = data.graph.clips_per_video
     device = data.graph.pos.matrix.device
     blocks = ((torch.from_numpy(clip_ids(rows, n_c)), torch.from_numpy(x.reshape(-1, x.shape[-1])))
               for rows, x in stream_clip_features(store, manifest, data.video_ids))
     pos, neg = streamed_user_sums(data.graph, blocks, len(manifest.feature_mean))
-    owned = owned_videos(manifest.n_videos, rank, world)
+    present = videos_of_any_worker(manifest.n_videos, data.video_ids, propagation.group,
+                                   propagation.global_clip_ids.device)
+    owned = owned_videos(manifest.n_videos, rank, world, present)
     features = torch.from_numpy(load_clip_features(store, manifest, owned)).to(device)
     return OwnedClipInputs(torch.from_numpy(clip_ids(owned, n_c)).to(device), features, pos,
                            neg, propagation)
