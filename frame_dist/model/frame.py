@@ -309,7 +309,8 @@ class FRAME(nn.Module):
         every user adjacent to a clip). ``propagation`` replaces the model's own for this call
         only (e.g. a shard's recorded partial sums); None: ``self.propagation``.
         """
-        side = self._dense_user_side(h_c0, graph, propagation or self.propagation)
+        prop = self.propagation if propagation is None else propagation
+        side = self._dense_user_side(h_c0, graph, prop)
         return Embeddings(self.clip_side(side, graph, clips), side.h_u_pos, side.h_u_neg)
 
     def embeddings(self, clip_features: Tensor | FrozenClipInputs | None,

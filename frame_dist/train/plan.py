@@ -99,6 +99,11 @@ class DataStats:
         return self.n_train + self.n_valid + self.n_test
 
     @property
+    def n_active_videos(self) -> int:
+        """Videos with an interaction of any split (the others are in no worker's graph)."""
+        return int(np.count_nonzero(self.video_rows))
+
+    @property
     def full_watch_fraction(self) -> float:
         return self.n_full_train / max(self.n_train, 1)
 
@@ -449,14 +454,13 @@ def _shares(stats: DataStats, n_shards: int, w: int, edges: tuple[int, int],
             manifest: GraphManifest | None) -> list[WorkerShare]:
     """What each worker loads: shards k with k mod W = rank (``train_loop_per_worker``)."""
     out = []
-    active = int(np.count_nonzero(stats.video_rows))  # videos with an interaction
     for rank in range(w):
         ks = list(range(rank, n_shards, w))
         if manifest is not None:
             sh = [manifest.shards[k] for k in ks]
             out.append(WorkerShare(  # merged shards: at most every video with an interaction
                 rank, len(ks), sum(s.users for s in sh),
-                min(active, sum(s.videos for s in sh)),
+                min(stats.n_active_videos, sum(s.videos for s in sh)),
                 sum(s.nnz_pos for s in sh), sum(s.nnz_neg for s in sh),
                 sum(s.train for s in sh), sum(s.valid for s in sh),
                 sum(s.test for s in sh)))
@@ -565,8 +569,7 @@ def _worker_terms(stats: DataStats, cfg: Config, share: WorkerShare, n_params: i
     owned = w > 1 and m.use_visual and not m.trainable_clip_features
     frozen = owned or (m.use_visual and not m.trainable_clip_features and m_w < c_w)
     if m.use_visual and not m.trainable_clip_features:
-        c_active = int(np.count_nonzero(stats.video_rows)) * n_c
-        c_own = c_active / w if owned else c_w
+        c_own = stats.n_active_videos * n_c / w if owned else c_w
         feats = c_own * f * 4
         terms.append(Term("clip features", feats, "host",
                           f"C' / W = {c_own:,.0f} owned clips (of videos with an interaction) "
