@@ -39,19 +39,12 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from benchmarks.real_sizes import prepare, run_stage  # noqa: E402
+from benchmarks.score_driver_memory import own_peak_bytes, reset_peak, rss_bytes  # noqa: E402
 from feature_store.store import Store  # noqa: E402
 from frame_dist.config import load_config  # noqa: E402
 
 MIB = 2**20
 SHARDS = 4  # divisible by every W of the table
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _worker(rank: int, world: int, overrides: list[str], out: str) -> None:
@@ -75,9 +68,9 @@ def _worker(rank: int, world: int, overrides: list[str], out: str) -> None:
         model = build_model(cfg.model, len(manifest.feature_mean),
                             n_clips_total=manifest.n_videos * n_c, propagation=prop, seed=0)
         gc.collect()
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
+        base = rss_bytes()
+        if not reset_peak():  # VmHWM := VmRSS
+            raise RuntimeError("this kernel refused to reset the peak RSS (/proc/self/clear_refs)")
         if world > 1:
             inputs = owned_clip_inputs(store, manifest, data, prop, rank, world)
         else:
@@ -85,8 +78,8 @@ def _worker(rank: int, world: int, overrides: list[str], out: str) -> None:
                 load_clip_features(store, manifest, shard.video_ids)), data.graph)
         gc.collect()
         held_tensors = sum(t.numel() * t.element_size() for t in inputs.buffers())
-        row = {"rank": rank, "held_mib": (_status_kib("VmRSS") - base) / 1024,
-               "peak_mib": (_status_kib("VmHWM") - base) / 1024,
+        row = {"rank": rank, "held_mib": (rss_bytes() - base) / MIB,
+               "peak_mib": (own_peak_bytes() - base) / MIB,
                "tensors_mib": held_tensors / MIB, "users": data.graph.n_users,
                "clips": int(inputs.features.shape[0]), "kind": type(inputs).__name__}
         rows: list = [None] * world

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.score_driver_memory import status_bytes  # noqa: E402
 from feature_store.store import Store  # noqa: E402
 from frame_dist.config import load_config  # noqa: E402
 from frame_dist.ingest.feature_world import FeatureSpec, write_feature_world  # noqa: E402
@@ -44,15 +45,11 @@ from frame_dist.ingest.feature_world import FeatureSpec, write_feature_world  # 
 
 def _hwm_mib(pid: int) -> float:
     """VmHWM of a live process (MiB): its own peak RSS since its exec (ru_maxrss is not: Linux
-    carries the parent's high-water mark across fork + exec)."""
+    carries the parent's high-water mark across fork + exec); 0 once it is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+        return status_bytes("VmHWM", pid) / 2**20
+    except (OSError, RuntimeError):
+        return 0.0
 
 
 def run_stage(stage: str, overrides: list[str]) -> dict[str, float]:

@@ -170,17 +170,20 @@ def build_store(root: Path, args: argparse.Namespace, n_users: int) -> dict[str,
 # --------------------------------------------------------------------------- the subprocess
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident memory now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory field of ``/proc/<pid>/status`` (VmRSS, VmHWM, ...) in bytes; OSError when the
+    process is gone, RuntimeError when it has no such field (a zombie)."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
 def own_peak_bytes() -> int:
@@ -190,17 +193,17 @@ def own_peak_bytes() -> int:
     keeps the replaced address space's high-water mark in ``signal->maxrss`` across exec), and
     the clear_refs reset does not touch that part; VmHWM is the live address space's mark alone.
     """
-    return _status_bytes("VmHWM")
+    return status_bytes("VmHWM")
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False if refused."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
-    return own_peak_bytes() <= _rss_bytes() + 4 * MIB
+    return own_peak_bytes() <= rss_bytes() + 4 * MIB
 
 
 def child(mode: str, root: Path, out: Path) -> None:
@@ -250,9 +253,9 @@ def child(mode: str, root: Path, out: Path) -> None:
             return emb, tables  # held until the peak is read
 
     gc.collect()
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     peak_at_start = own_peak_bytes()
-    reset = _reset_peak()
+    reset = reset_peak()
     t0 = time.perf_counter()
     kept = work()
     seconds = time.perf_counter() - t0
@@ -260,7 +263,7 @@ def child(mode: str, root: Path, out: Path) -> None:
     result = {"mode": mode, "rss_before": rss_before, "peak_at_start": peak_at_start,
               "peak_reset": reset, "peak_after": peak_after, "growth": peak_after - rss_before,
               "ru_maxrss_after": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "rss_after": _rss_bytes(), "seconds": seconds, **extra}
+              "rss_after": rss_bytes(), "seconds": seconds, **extra}
     del kept
     out.write_text(json.dumps(result))
 
